@@ -1,0 +1,1 @@
+"""Benchmarks: ``make bench`` prints JSON figures; targets live here, not in tests."""

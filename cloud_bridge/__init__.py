@@ -1,0 +1,1 @@
+"""Push/pull between the merged inventory and Supabase/Postgres; its SQL migrations."""

@@ -1,0 +1,156 @@
+"""Writes and reads on the pycrdt documents themselves.
+
+This is the only module that knows how an item, a pull sheet, a ledger day and the fleet
+are laid out inside Yjs documents:
+
+- an item is a *root-level* Map of its shard doc, named by the item id (root Maps merge by
+  name, so two stations can never drop each other's item);
+- every transaction that touches an item also sets the writer's *change marker*
+  ``"<item id>@<station>" = hlc`` in the shard's ``~changes`` root Map. A remote update
+  does not say which root Maps it changed, but the marker map's events do, and each key has
+  a single writer, so an event can never be lost to a concurrent write of the same key;
+- a ledger day holds one root Array per station, ``moves@<station>``, that only that
+  station appends to;
+- a pull sheet is a root Map named by the sheet, with per-station counters of units out;
+- the fleet doc has a ``members`` Map where each station writes only its own entry.
+
+No SQL and no clocks here: the caller passes HLC values in.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from pycrdt import Array, Doc, Map
+
+from .model import STOCK_FIELD, Movement, slot_key, split_slot_key
+
+CHANGES_ROOT = "~changes"
+MEMBERS_ROOT = "members"
+MOVES_PREFIX = "moves@"
+
+
+def item_map(doc: Doc[Any], item_id: str) -> Map[Any]:
+    item: Map[Any] = doc.get(item_id, type=Map)
+    return item
+
+
+def changes_map(doc: Doc[Any]) -> Map[Any]:
+    markers: Map[Any] = doc.get(CHANGES_ROOT, type=Map)
+    return markers
+
+
+def read_maps(doc: Doc[Any], names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Plain-value copies of several root Maps in one read transaction.
+
+    ``to_json`` + ``json.loads`` is 5x faster than pycrdt's ``to_py`` (12 vs 61 us for an
+    8-field item), which matters when a catch-up sync re-indexes thousands of items.
+    """
+    result: dict[str, dict[str, Any]] = {}
+    with doc.transaction() as txn:
+        raw_txn = txn._txn
+        for name in names:
+            integrated = doc.get(name, type=Map).integrated
+            result[name] = json.loads(integrated.to_json(raw_txn))
+    return result
+
+
+def root_names(doc: Doc[Any]) -> list[str]:
+    return list(doc.keys())
+
+
+def write_register(
+    item: Map[Any], station: str, field: str, value: object, hlc: int, *, fresh: bool = False
+) -> None:
+    """Set this station's slot and delete every other slot of the field we have seen.
+
+    Deleting what we have seen is what makes a later write supersede earlier ones no matter
+    their clocks; only slots we have *not* seen (concurrent writes) survive as a conflict.
+    """
+    own = slot_key(field, station)
+    if not fresh:
+        prefix = field + "@"
+        for key in [key for key in list(item.keys()) if key.startswith(prefix) and key != own]:
+            del item[key]
+    item[own] = [value, hlc]
+
+
+def add_stock(item: Map[Any], station: str, delta: int, current_own: int, hlc: int) -> None:
+    """Each station only ever writes its own counter slot: stock = sum of all slots."""
+    item[slot_key(STOCK_FIELD, station)] = [current_own + delta, hlc]
+
+
+def mark_changed(
+    doc: Doc[Any], item_id: str, item_stations: Iterable[str], station: str, hlc: int
+) -> None:
+    """Set our change marker for the item and drop the other stations' ones we can see."""
+    markers = changes_map(doc)
+    for other in set(item_stations):
+        if other != station:
+            key = slot_key(item_id, other)
+            if key in markers:
+                del markers[key]
+    markers[slot_key(item_id, station)] = hlc
+
+
+def stations_of(raw: Mapping[str, Any]) -> set[str]:
+    """Stations that wrote any slot of an item."""
+    found: set[str] = set()
+    for key in raw:
+        parts = split_slot_key(key)
+        if parts is not None:
+            found.add(parts[1])
+    return found
+
+
+def append_movement(doc: Doc[Any], movement: Movement) -> None:
+    moves = doc.get(MOVES_PREFIX + movement.station, type=Array)
+    moves.append(movement.to_json())
+
+
+def ledger_stations(doc: Doc[Any]) -> list[str]:
+    return [name[len(MOVES_PREFIX) :] for name in list(doc.keys()) if name.startswith(MOVES_PREFIX)]
+
+
+def ledger_tail(doc: Doc[Any], station: str, start: int) -> list[Any]:
+    """Entries of one station's ledger array from ``start`` on (arrays only ever grow)."""
+    moves = doc.get(MOVES_PREFIX + station, type=Array)
+    length = len(moves)
+    if start >= length:
+        return []
+    with doc.transaction() as txn:
+        entries: list[Any] = json.loads(moves.integrated.to_json(txn._txn))
+    return entries[start:]
+
+
+def add_to_sheet(doc: Doc[Any], sheet: str, item_id: str, station: str, delta: int) -> None:
+    """Per-station counters of units of each item out on a pull sheet."""
+    lines = doc.get(sheet, type=Map)
+    key = slot_key(item_id, station)
+    current = lines.get(key, 0)
+    lines[key] = int(current) + delta
+
+
+def sheet_lines(doc: Doc[Any], sheet: str) -> dict[str, int]:
+    """Units out per item on a sheet, summed over stations."""
+    if sheet not in set(doc.keys()):
+        return {}
+    raw = read_maps(doc, [sheet])[sheet]
+    totals: dict[str, int] = {}
+    for key, value in raw.items():
+        parts = split_slot_key(key)
+        if parts is None or not isinstance(value, int | float):
+            continue
+        totals[parts[0]] = totals.get(parts[0], 0) + int(value)
+    return {item: qty for item, qty in totals.items() if qty}
+
+
+def set_member(doc: Doc[Any], station: str, entry: dict[str, Any]) -> None:
+    doc.get(MEMBERS_ROOT, type=Map)[station] = entry
+
+
+def members(doc: Doc[Any]) -> dict[str, Any]:
+    raw: dict[str, Any] = read_maps(doc, [MEMBERS_ROOT])[MEMBERS_ROOT]
+    return raw

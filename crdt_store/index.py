@@ -1,0 +1,190 @@
+"""The query index: SQLite tables derived from the documents.
+
+Lookups by barcode, listings, conflicts, alerts and history read these tables and never
+scan documents. The store writes them in the same transaction as the document updates
+they derive from, so after any crash the index matches the log. Everything here can be
+rebuilt from the documents (``INDEX_VERSION`` in ``schema``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiosqlite
+
+from .model import ItemView, Movement
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    """Something a warehouse lead must look at: oversold stock, a double-booked unit,
+    or one barcode on several items."""
+
+    kind: str
+    barcode: str
+    items: tuple[ItemView, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "barcode": self.barcode,
+            "items": [item.to_json() for item in self.items],
+        }
+
+
+def _item_row(view: ItemView) -> tuple[Any, ...]:
+    return (
+        view.id,
+        view.barcode,
+        view.name,
+        view.kind,
+        view.stock,
+        view.status,
+        view.sheet,
+        view.location,
+        view.category,
+        int(view.deleted),
+        view.hlc,
+        json.dumps(view.to_record(), separators=(",", ":")),
+    )
+
+
+async def write_views(db: aiosqlite.Connection, views: Sequence[ItemView]) -> None:
+    """Upsert items, their conflicts and alerts, and mark them for the cloud bridge."""
+    if not views:
+        return
+    ids = [(view.id,) for view in views]
+    await db.executemany(
+        "INSERT OR REPLACE INTO items (id, barcode, name, kind, stock, status, sheet, "
+        "location, category, deleted, hlc, view) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+        [_item_row(view) for view in views],
+    )
+    await db.executemany("DELETE FROM conflicts WHERE item_id = ?", ids)
+    await db.executemany("DELETE FROM alerts WHERE item_id = ?", ids)
+    await db.executemany(
+        "INSERT INTO conflicts (item_id, field) VALUES (?, ?)",
+        [(view.id, c.field) for view in views if not view.deleted for c in view.conflicts],
+    )
+    await db.executemany(
+        "INSERT INTO alerts (item_id, kind) VALUES (?, ?)",
+        [(view.id, kind) for view in views for kind in view.alerts],
+    )
+    await db.executemany(
+        "INSERT OR REPLACE INTO cloud_dirty_items (item_id, hlc) VALUES (?, ?)",
+        [(view.id, view.hlc) for view in views],
+    )
+
+
+async def write_movements(db: aiosqlite.Connection, movements: Iterable[Movement]) -> None:
+    await db.executemany(
+        "INSERT OR IGNORE INTO movements (id, hlc, station, operator, item_id, barcode, op, "
+        "qty, sheet) VALUES (?,?,?,?,?,?,?,?,?)",
+        [
+            (m.id, m.hlc, m.station, m.operator, m.item, m.barcode, m.op, m.qty, m.sheet)
+            for m in movements
+        ],
+    )
+
+
+async def clear(db: aiosqlite.Connection) -> None:
+    for table in ("items", "conflicts", "alerts", "movements", "ledger_progress"):
+        await db.execute(f"DELETE FROM {table}")
+
+
+def _views(rows: Iterable[Any]) -> list[ItemView]:
+    return [ItemView.from_record(json.loads(row[0])) for row in rows]
+
+
+async def by_barcode(db: aiosqlite.Connection, barcode: str) -> list[ItemView]:
+    async with db.execute(
+        "SELECT view FROM items WHERE barcode = ? AND NOT deleted ORDER BY id", (barcode,)
+    ) as cursor:
+        return _views(await cursor.fetchall())
+
+
+async def by_id(db: aiosqlite.Connection, item_id: str) -> ItemView | None:
+    async with db.execute("SELECT view FROM items WHERE id = ?", (item_id,)) as cursor:
+        rows = await cursor.fetchall()
+    views = _views(rows)
+    return views[0] if views else None
+
+
+def _like(text: str) -> str:
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+async def search(
+    db: aiosqlite.Connection,
+    text: str | None,
+    *,
+    limit: int,
+    offset: int,
+    include_deleted: bool,
+) -> list[ItemView]:
+    """Items whose barcode, name, location or category contains ``text``, by name."""
+    where = ["1"] if include_deleted else ["NOT deleted"]
+    params: list[Any] = []
+    if text:
+        where.append(
+            "(barcode LIKE ? ESCAPE '\\' OR name LIKE ? ESCAPE '\\' "
+            "OR location LIKE ? ESCAPE '\\' OR category LIKE ? ESCAPE '\\')"
+        )
+        params += [_like(text)] * 4
+    params += [limit, offset]
+    sql = (
+        f"SELECT view FROM items WHERE {' AND '.join(where)} "
+        "ORDER BY name COLLATE NOCASE, barcode, id LIMIT ? OFFSET ?"
+    )
+    async with db.execute(sql, params) as cursor:
+        return _views(await cursor.fetchall())
+
+
+async def conflicted(db: aiosqlite.Connection) -> list[ItemView]:
+    async with db.execute(
+        "SELECT view FROM items WHERE id IN (SELECT item_id FROM conflicts) "
+        "ORDER BY name COLLATE NOCASE, id"
+    ) as cursor:
+        return _views(await cursor.fetchall())
+
+
+async def alerts(db: aiosqlite.Connection) -> list[Alert]:
+    found: list[Alert] = []
+    async with db.execute(
+        "SELECT a.kind, i.view FROM alerts a JOIN items i ON i.id = a.item_id "
+        "WHERE NOT i.deleted ORDER BY a.kind, i.barcode, i.id"
+    ) as cursor:
+        for kind, view in await cursor.fetchall():
+            item = ItemView.from_record(json.loads(view))
+            found.append(Alert(kind, item.barcode, (item,)))
+    async with db.execute(
+        "SELECT barcode FROM items WHERE NOT deleted GROUP BY barcode HAVING count(*) > 1 "
+        "ORDER BY barcode"
+    ) as cursor:
+        duplicated = [row[0] for row in await cursor.fetchall()]
+    for barcode in duplicated:
+        found.append(Alert("duplicate_barcode", barcode, tuple(await by_barcode(db, barcode))))
+    return found
+
+
+async def history(
+    db: aiosqlite.Connection, item_ids: Sequence[str], barcode: str
+) -> list[Movement]:
+    """Movements of these items, or recorded under this barcode, in HLC order."""
+    marks = ",".join("?" * len(item_ids))
+    sql = (
+        "SELECT id, hlc, station, operator, item_id, barcode, op, qty, sheet FROM movements "
+        f"WHERE barcode = ? OR item_id IN ({marks}) ORDER BY hlc, station, id"
+    )
+    async with db.execute(sql, [barcode, *item_ids]) as cursor:
+        rows = await cursor.fetchall()
+    return [Movement(*row) for row in rows]
+
+
+async def item_count(db: aiosqlite.Connection) -> int:
+    async with db.execute("SELECT count(*) FROM items") as cursor:
+        row = await cursor.fetchone()
+    return int(row[0]) if row else 0

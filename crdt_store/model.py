@@ -1,0 +1,425 @@
+"""Values of the inventory model: fields, validation, and the item view.
+
+An item is stored as a flat map of *slots*. A descriptive field is a register kept as one
+slot per writing station, ``"<field>@<station>" = [value, hlc]``; stock is a counter kept
+as ``"stock@<station>" = [net delta, hlc]`` (stock is the sum of the deltas). This module
+turns such a map (as plain Python values) into an :class:`ItemView`: the value of each
+field is its slot with the highest ``(hlc, station)``, and several live slots with
+different values are a visible conflict.
+
+Everything here is pure: no pycrdt, no SQL, no clocks.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import InvalidInput
+
+Kind = Literal["bulk", "serial"]
+KINDS: tuple[Kind, ...] = ("bulk", "serial")
+STATUSES = ("in", "out", "repair", "lost")
+
+#: Fields kept as per-station registers, in display order.
+REGISTER_FIELDS = (
+    "barcode",
+    "name",
+    "kind",
+    "location",
+    "category",
+    "notes",
+    "status",
+    "sheet",
+    "deleted",
+)
+#: Fields a person may set with an edit or a conflict resolution.
+EDITABLE_FIELDS = ("barcode", "name", "location", "category", "notes", "status")
+STOCK_FIELD = "stock"
+
+MAX_QTY = 1_000_000
+MAX_STOCK = 1_000_000_000
+
+_BARCODE_RE = re.compile(r"^[!-~]{1,64}$")
+_TEXT_LIMITS = {"name": 200, "location": 100, "category": 100, "notes": 2000, "sheet": 64}
+_DEFAULTS: dict[str, object] = {
+    "barcode": "",
+    "name": "",
+    "kind": "bulk",
+    "location": "",
+    "category": "",
+    "notes": "",
+    "status": "in",
+    "sheet": None,
+    "deleted": False,
+}
+
+FieldValue = str | bool | None
+
+
+def _check_text(name: str, value: object, *, required: bool, multiline: bool = False) -> str:
+    if not isinstance(value, str):
+        raise InvalidInput(name, value, "must be text")
+    text = value.strip()
+    if required and not text:
+        raise InvalidInput(name, value, "must not be empty")
+    limit = _TEXT_LIMITS[name]
+    if len(text) > limit:
+        raise InvalidInput(name, value[:40] + "...", f"longer than {limit} characters")
+    allowed = "\n\t" if multiline else ""
+    for char in text:
+        if unicodedata.category(char) == "Cc" and char not in allowed:
+            raise InvalidInput(name, value, "contains control characters")
+    return text
+
+
+def check_barcode(value: object) -> str:
+    """Barcodes are what a scanner types: 1-64 printable ASCII characters, no spaces."""
+    if not isinstance(value, str) or not _BARCODE_RE.match(value.strip()):
+        raise InvalidInput("barcode", value, "use 1-64 printable ASCII characters, no spaces")
+    return value.strip()
+
+
+def check_field(name: str, value: object) -> FieldValue:
+    """Validate one register value as a person or a script would set it."""
+    if name == "barcode":
+        return check_barcode(value)
+    if name == "name":
+        return _check_text(name, value, required=True)
+    if name in ("location", "category"):
+        return _check_text(name, value, required=False)
+    if name == "notes":
+        return _check_text(name, value, required=False, multiline=True)
+    if name == "kind":
+        if value not in KINDS:
+            raise InvalidInput(name, value, "must be 'bulk' or 'serial'")
+        return str(value)
+    if name == "status":
+        if value not in STATUSES:
+            raise InvalidInput(name, value, f"must be one of {', '.join(STATUSES)}")
+        return str(value)
+    if name == "sheet":
+        if value is None:
+            return None
+        sheet = _check_text(name, value, required=True)
+        return sheet
+    if name == "deleted":
+        if not isinstance(value, bool):
+            raise InvalidInput(name, value, "must be true or false")
+        return value
+    raise InvalidInput("field", name, f"fields are {', '.join(REGISTER_FIELDS)}")
+
+
+def check_qty(value: object, *, name: str = "qty", minimum: int = 1, maximum: int = MAX_QTY) -> int:
+    """Quantities are whole units within sane bounds (a typo of 10**9 is refused)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(name, value, "must be a whole number")
+    if not minimum <= value <= maximum:
+        raise InvalidInput(name, value, f"must be between {minimum} and {maximum}")
+    return value
+
+
+def _fits(name: str, value: object) -> bool:
+    """Whether a slot value read from a document has the type its field needs."""
+    if name == "deleted":
+        return isinstance(value, bool)
+    if name == "sheet":
+        return value is None or isinstance(value, str)
+    if name == "kind":
+        return value in KINDS
+    if name == "status":
+        return value in STATUSES
+    return isinstance(value, str)
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """One station's latest write to a register field."""
+
+    value: FieldValue
+    hlc: int
+    station: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"value": self.value, "hlc": self.hlc, "station": self.station}
+
+
+@dataclass(frozen=True, slots=True)
+class FieldConflict:
+    """Concurrent writes with different values that are both still live."""
+
+    field: str
+    chosen: FieldValue
+    slots: tuple[Slot, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "field": self.field,
+            "chosen": self.chosen,
+            "values": [slot.to_json() for slot in self.slots],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ItemView:
+    """What a person sees of an item: each field resolved, stock summed, conflicts listed."""
+
+    id: str
+    barcode: str
+    name: str
+    kind: Kind
+    stock: int
+    status: str
+    sheet: str | None
+    location: str
+    category: str
+    notes: str
+    deleted: bool
+    conflicts: tuple[FieldConflict, ...]
+    double_booked: bool
+    #: Highest HLC of any slot; orders "last changed".
+    hlc: int
+    stock_by_station: Mapping[str, int] = field(default_factory=dict)
+    stock_hlcs: Mapping[str, int] = field(default_factory=dict)
+    field_hlcs: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def oversold(self) -> bool:
+        return self.kind == "bulk" and not self.deleted and self.stock < 0
+
+    @property
+    def alerts(self) -> tuple[str, ...]:
+        found: list[str] = []
+        if self.oversold:
+            found.append("oversold")
+        if self.double_booked:
+            found.append("double_booked")
+        return tuple(found)
+
+    def to_json(self) -> dict[str, Any]:
+        """The stable JSON shape of an item (documented in docs/cli.md)."""
+        return {
+            "id": self.id,
+            "barcode": self.barcode,
+            "name": self.name,
+            "kind": self.kind,
+            "stock": self.stock,
+            "status": self.status,
+            "sheet": self.sheet,
+            "location": self.location,
+            "category": self.category,
+            "notes": self.notes,
+            "deleted": self.deleted,
+            "conflicts": [conflict.to_json() for conflict in self.conflicts],
+            "alerts": list(self.alerts),
+            "hlc": self.hlc,
+        }
+
+    def to_record(self) -> dict[str, Any]:
+        """Everything in the view, for the query index (``from_record`` reverses it)."""
+        record = self.to_json()
+        record["double_booked"] = self.double_booked
+        record["stock_by_station"] = dict(self.stock_by_station)
+        record["stock_hlcs"] = dict(self.stock_hlcs)
+        record["field_hlcs"] = dict(self.field_hlcs)
+        return record
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> ItemView:
+        conflicts = tuple(
+            FieldConflict(
+                c["field"],
+                c["chosen"],
+                tuple(Slot(s["value"], s["hlc"], s["station"]) for s in c["values"]),
+            )
+            for c in record["conflicts"]
+        )
+        return cls(
+            id=record["id"],
+            barcode=record["barcode"],
+            name=record["name"],
+            kind="serial" if record["kind"] == "serial" else "bulk",
+            stock=record["stock"],
+            status=record["status"],
+            sheet=record["sheet"],
+            location=record["location"],
+            category=record["category"],
+            notes=record["notes"],
+            deleted=record["deleted"],
+            conflicts=conflicts,
+            double_booked=record["double_booked"],
+            hlc=record["hlc"],
+            stock_by_station=record["stock_by_station"],
+            stock_hlcs=record["stock_hlcs"],
+            field_hlcs=record["field_hlcs"],
+        )
+
+
+def slot_key(name: str, station: str) -> str:
+    return f"{name}@{station}"
+
+
+def split_slot_key(key: str) -> tuple[str, str] | None:
+    name, sep, station = key.rpartition("@")
+    if not sep or not name or not station:
+        return None
+    return name, station
+
+
+def _as_int(value: object) -> int | None:
+    """pycrdt returns every number as a float; accept only exact integers below 2**53."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not math.isfinite(value) or abs(value) >= 2**53 or int(value) != value:
+        return None
+    return int(value)
+
+
+def register_slots(raw: Mapping[str, Any]) -> dict[str, list[Slot]]:
+    """Group the well-formed register slots of an item map by field.
+
+    Slots that do not fit (a peer running a newer version, or a bad peer) are ignored
+    rather than allowed to break the view.
+    """
+    slots: dict[str, list[Slot]] = {}
+    for key, value in raw.items():
+        parts = split_slot_key(key)
+        if parts is None or parts[0] not in _DEFAULTS:
+            continue
+        name, station = parts
+        if not isinstance(value, list) or len(value) != 2:
+            continue
+        hlc = _as_int(value[1])
+        if hlc is None or not _fits(name, value[0]):
+            continue
+        slots.setdefault(name, []).append(Slot(value[0], hlc, station))
+    return slots
+
+
+def stock_slots(raw: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+    """The per-station ``(net stock delta, hlc of its last change)`` of an item map.
+
+    The HLC does not decide the stock (that is the sum of all deltas); it lets a cloud
+    copy keep the newest delta of each station when several bridges push at once.
+    """
+    deltas: dict[str, tuple[int, int]] = {}
+    for key, value in raw.items():
+        parts = split_slot_key(key)
+        if parts is None or parts[0] != STOCK_FIELD:
+            continue
+        if not isinstance(value, list) or len(value) != 2:
+            continue
+        delta, hlc = _as_int(value[0]), _as_int(value[1])
+        if delta is not None and hlc is not None:
+            deltas[parts[1]] = (delta, hlc)
+    return deltas
+
+
+def winner(slots: list[Slot]) -> Slot:
+    """Latest write wins: highest HLC, ties (different stations) by station id."""
+    return max(slots, key=lambda slot: (slot.hlc, slot.station))
+
+
+def item_view(item_id: str, raw: Mapping[str, Any]) -> ItemView:
+    """Resolve an item map (plain values, as pycrdt's ``to_py`` gives) into a view."""
+    slots = register_slots(raw)
+    values: dict[str, object] = dict(_DEFAULTS)
+    field_hlcs: dict[str, int] = {}
+    conflicts: list[FieldConflict] = []
+    top_hlc = 0
+    for name in REGISTER_FIELDS:
+        live = slots.get(name)
+        if not live:
+            continue
+        best = winner(live)
+        values[name] = best.value
+        field_hlcs[name] = best.hlc
+        top_hlc = max(top_hlc, best.hlc)
+        if len({repr(slot.value) for slot in live}) > 1:
+            ordered = tuple(sorted(live, key=lambda slot: (-slot.hlc, slot.station)))
+            conflicts.append(FieldConflict(name, best.value, ordered))
+    kind: Kind = "serial" if values["kind"] == "serial" else "bulk"
+    deleted = bool(values["deleted"])
+    counters = stock_slots(raw)
+    top_hlc = max([top_hlc, *(hlc for _, hlc in counters.values())])
+    status = str(values["status"])
+    if kind == "bulk":
+        stock = sum(delta for delta, _ in counters.values())
+    else:
+        stock = 1 if status == "in" else 0
+    double_booked = (
+        kind == "serial"
+        and not deleted
+        and sum(1 for slot in slots.get("status", ()) if slot.value == "out") > 1
+    )
+    sheet = values["sheet"]
+    return ItemView(
+        id=item_id,
+        barcode=str(values["barcode"]),
+        name=str(values["name"]),
+        kind=kind,
+        stock=stock,
+        status=status,
+        sheet=sheet if isinstance(sheet, str) else None,
+        location=str(values["location"]),
+        category=str(values["category"]),
+        notes=str(values["notes"]),
+        deleted=deleted,
+        conflicts=tuple(conflicts),
+        double_booked=double_booked,
+        hlc=top_hlc,
+        stock_by_station={station: delta for station, (delta, _) in counters.items()},
+        stock_hlcs={station: hlc for station, (_, hlc) in counters.items()},
+        field_hlcs=field_hlcs,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Movement:
+    """One entry of the movements ledger: what happened to which item, when, where."""
+
+    id: str
+    hlc: int
+    station: str
+    operator: str
+    item: str
+    barcode: str
+    op: str
+    qty: int
+    sheet: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "hlc": self.hlc,
+            "station": self.station,
+            "operator": self.operator,
+            "item": self.item,
+            "barcode": self.barcode,
+            "op": self.op,
+            "qty": self.qty,
+            "sheet": self.sheet,
+        }
+
+
+MOVEMENT_OPS = ("add", "edit", "delete", "checkout", "return", "count", "resolve")
+
+
+def movement_from_raw(raw: object) -> Movement | None:
+    """Decode a ledger entry as stored in a document; ``None`` if it is malformed."""
+    if not isinstance(raw, dict):
+        return None
+    hlc = _as_int(raw.get("hlc"))
+    qty = _as_int(raw.get("qty"))
+    strings = [raw.get(key) for key in ("id", "station", "operator", "item", "barcode", "op")]
+    sheet = raw.get("sheet")
+    if hlc is None or qty is None or not all(isinstance(s, str) for s in strings):
+        return None
+    if sheet is not None and not isinstance(sheet, str):
+        return None
+    ident, station, operator, item, barcode, op = (str(s) for s in strings)
+    return Movement(ident, hlc, station, operator, item, barcode, op, qty, sheet)

@@ -1,0 +1,152 @@
+"""The SQLite schema of a station's store and its named migrations.
+
+The schema version lives in ``PRAGMA user_version``. Each migration runs in its own
+``BEGIN IMMEDIATE`` transaction together with the version bump, so a crash mid-upgrade
+leaves the database at the previous version, never half-migrated. A database from a newer
+version is refused before anything is written to it.
+
+The query index (``items``, ``conflicts``, ``alerts``, ``movements``) is derived data: it
+can always be rebuilt from the documents. ``INDEX_VERSION`` (kept in ``meta``) says which
+layout of derived data is on disk; the store rebuilds when it differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aiosqlite
+
+from .errors import SchemaTooNew
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    name: str
+    sql: str
+
+
+MIGRATIONS: Sequence[Migration] = (
+    Migration(
+        "001_document_log",
+        """
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+        -- Every committed transaction of every document, appended before it is
+        -- acknowledged or sent to a peer.
+        CREATE TABLE updates (
+            doc TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            data BLOB NOT NULL,
+            PRIMARY KEY (doc, seq)
+        ) WITHOUT ROWID;
+        -- The log of a document folded into one state, up to and including upto_seq.
+        CREATE TABLE snapshots (
+            doc TEXT PRIMARY KEY,
+            state BLOB NOT NULL,
+            state_vector BLOB NOT NULL,
+            upto_seq INTEGER NOT NULL
+        );
+        """,
+    ),
+    Migration(
+        "002_query_index",
+        """
+        CREATE TABLE items (
+            id TEXT PRIMARY KEY,
+            barcode TEXT NOT NULL,
+            name TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            stock INTEGER NOT NULL,
+            status TEXT NOT NULL,
+            sheet TEXT,
+            location TEXT NOT NULL,
+            category TEXT NOT NULL,
+            deleted INTEGER NOT NULL,
+            hlc INTEGER NOT NULL,
+            view TEXT NOT NULL
+        );
+        CREATE INDEX items_barcode ON items (barcode) WHERE NOT deleted;
+        CREATE INDEX items_name ON items (name COLLATE NOCASE) WHERE NOT deleted;
+        CREATE TABLE conflicts (
+            item_id TEXT NOT NULL,
+            field TEXT NOT NULL,
+            PRIMARY KEY (item_id, field)
+        ) WITHOUT ROWID;
+        CREATE TABLE alerts (
+            item_id TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            PRIMARY KEY (item_id, kind)
+        ) WITHOUT ROWID;
+        CREATE TABLE movements (
+            id TEXT PRIMARY KEY,
+            hlc INTEGER NOT NULL,
+            station TEXT NOT NULL,
+            operator TEXT NOT NULL,
+            item_id TEXT NOT NULL,
+            barcode TEXT NOT NULL,
+            op TEXT NOT NULL,
+            qty INTEGER NOT NULL,
+            sheet TEXT
+        );
+        CREATE INDEX movements_item ON movements (item_id, hlc);
+        CREATE INDEX movements_barcode ON movements (barcode, hlc);
+        -- How many entries of each station's ledger array are in `movements`.
+        CREATE TABLE ledger_progress (
+            doc TEXT NOT NULL,
+            station TEXT NOT NULL,
+            count INTEGER NOT NULL,
+            PRIMARY KEY (doc, station)
+        ) WITHOUT ROWID;
+        -- A database from before the index has documents but no index: build it.
+        INSERT OR REPLACE INTO meta (key, value) VALUES ('index_version', '0');
+        """,
+    ),
+    Migration(
+        "003_cloud_outbox",
+        """
+        -- Items changed since the cloud bridge last confirmed a push, kept durably so a
+        -- restart resumes where it stopped. hlc is the item's HLC when it was marked.
+        CREATE TABLE cloud_dirty_items (
+            item_id TEXT PRIMARY KEY,
+            hlc INTEGER NOT NULL
+        ) WITHOUT ROWID;
+        ALTER TABLE movements ADD COLUMN cloud_pushed INTEGER NOT NULL DEFAULT 0;
+        CREATE INDEX movements_cloud_pending ON movements (hlc) WHERE cloud_pushed = 0;
+        """,
+    ),
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+#: Bump when the layout of derived index data changes; the store then rebuilds it.
+INDEX_VERSION = 1
+
+
+async def schema_version(db: aiosqlite.Connection) -> int:
+    async with db.execute("PRAGMA user_version") as cursor:
+        row = await cursor.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def migrate(db: aiosqlite.Connection, path: str, *, target: int = SCHEMA_VERSION) -> int:
+    """Bring the database to ``target``; returns the version found before."""
+    found = await schema_version(db)
+    if found > SCHEMA_VERSION:
+        raise SchemaTooNew(path, found, SCHEMA_VERSION)
+    for number in range(found + 1, target + 1):
+        migration = MIGRATIONS[number - 1]
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _statements(migration.sql):
+                await db.execute(statement)
+            await db.execute(f"PRAGMA user_version = {number}")
+            await db.commit()
+        except BaseException:
+            await db.rollback()
+            raise
+    return found
+
+
+def _statements(sql: str) -> list[str]:
+    """Split a migration into statements (none of ours has a ';' inside a literal)."""
+    lines = [line for line in sql.splitlines() if not line.strip().startswith("--")]
+    return [part.strip() for part in "\n".join(lines).split(";") if part.strip()]

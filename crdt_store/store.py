@@ -1,0 +1,1038 @@
+"""The inventory store: named CRDT documents in memory, made durable in SQLite.
+
+One :class:`Store` per station. Operations change the in-memory pycrdt documents
+synchronously (so they are atomic with respect to each other) and then wait for the
+*group commit*: a single writer task appends every pending update to the log, updates the
+query index in the same SQLite transaction, commits with ``synchronous=FULL``, and only
+then acknowledges the operations and hands the updates to subscribers (the sync layer).
+Persist-before-ack and persist-before-send follow from that order.
+
+If a commit fails the store stops (fail-stop): memory would be ahead of disk, and the only
+safe way back is a restart that reloads from the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import pycrdt
+from pycrdt import Doc, MapEvent, TransactionEvent
+
+from . import documents, index
+from .errors import (
+    AmbiguousBarcode,
+    CorruptUpdate,
+    InsufficientStock,
+    InvalidInput,
+    ItemNotFound,
+    NoConflict,
+    StoreClosed,
+    StoreMismatch,
+    WrongState,
+)
+from .hlc import HybridClock, physical_ms
+from .index import Alert
+from .model import (
+    EDITABLE_FIELDS,
+    MAX_STOCK,
+    ItemView,
+    Kind,
+    Movement,
+    check_barcode,
+    check_field,
+    check_qty,
+    item_view,
+    movement_from_raw,
+    split_slot_key,
+    stock_slots,
+)
+from .names import (
+    DEFAULT_SHARDS,
+    FLEET_DOC,
+    MAX_SHARDS,
+    check_doc_name,
+    check_station_id,
+    fixed_doc_names,
+    is_item_id,
+    item_doc,
+    ledger_doc,
+    new_uuid7,
+    shard_of,
+    sheet_doc,
+)
+from .schema import INDEX_VERSION, migrate
+
+_LOGGER = logging.getLogger(__name__)
+
+#: Origin of transactions made by this station's own operations.
+LOCAL = "local"
+_LOADING = "loading"
+#: Largest update accepted from outside (a full 100k-item shard is ~1 MB).
+MAX_REMOTE_UPDATE = 64 * 1024 * 1024
+_SKEW_LOG_INTERVAL_MS = 600_000
+
+
+@dataclass(frozen=True, slots=True)
+class NewItem:
+    """An item as a person enters it (validated by :meth:`Store.add_item`)."""
+
+    barcode: str
+    name: str
+    kind: Kind = "bulk"
+    qty: int = 0
+    location: str = ""
+    category: str = ""
+    notes: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CommittedUpdate:
+    """A document update that is durably stored; what subscribers receive."""
+
+    doc: str
+    update: bytes
+    origin: str
+
+
+@dataclass(frozen=True, slots=True)
+class SkewedStation:
+    """A station whose clock ran further ahead of ours than ``max_clock_skew``."""
+
+    station: str
+    ahead_ms: int
+    seen_at_ms: int
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Everything one group commit writes; operations wait on ``done``."""
+
+    done: asyncio.Future[None]
+    updates: list[CommittedUpdate] = field(default_factory=list)
+    touched: set[str] = field(default_factory=set)
+    views: dict[str, ItemView] = field(default_factory=dict)
+    movements: list[Movement] = field(default_factory=list)
+    ledger_progress: dict[tuple[str, str], int] = field(default_factory=dict)
+    compact: set[str] = field(default_factory=set)
+
+    def is_empty(self) -> bool:
+        return not (self.updates or self.touched or self.movements or self.compact)
+
+
+class Store:
+    """A station's inventory. Open with ``async with Store.open(path, station_id=...)``."""
+
+    def __init__(
+        self,
+        path: Path,
+        db: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
+        *,
+        station_id: str,
+        shard_count: int,
+        client_id: int,
+        clock: HybridClock,
+        wall_clock: Callable[[], float],
+        compact_after: int,
+    ) -> None:
+        self.path = path
+        self.station_id = station_id
+        self.shard_count = shard_count
+        self.client_id = client_id
+        self._db = db
+        self._reader = reader
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._compact_after = compact_after
+        self._docs: dict[str, Doc[Any]] = {}
+        self._next_seq: dict[str, int] = {}
+        self._log_length: dict[str, int] = {}
+        self._known_items: dict[str, int] = {}
+        self._ledger_indexed: dict[tuple[str, str], int] = {}
+        self._origin = _LOADING
+        self._changed_docs: set[str] = set()
+        self._subscribers: list[Callable[[CommittedUpdate], None]] = []
+        self._skewed: dict[str, SkewedStation] = {}
+        self._skew_logged: dict[str, int] = {}
+        self._loop = asyncio.get_running_loop()
+        self._batch = _Batch(self._loop.create_future())
+        self._wakeup = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
+        self._closing = False
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        station_id: str,
+        shard_count: int = DEFAULT_SHARDS,
+        max_clock_skew: float = 300.0,
+        wall_clock: Callable[[], float] = time.time,
+        compact_after: int = 1000,
+    ) -> AsyncIterator[Store]:
+        """Open (creating if needed) the store at ``path`` and close it on exit."""
+        store = await cls.connect(
+            path,
+            station_id=station_id,
+            shard_count=shard_count,
+            max_clock_skew=max_clock_skew,
+            wall_clock=wall_clock,
+            compact_after=compact_after,
+        )
+        try:
+            yield store
+        finally:
+            await store.close()
+
+    @classmethod
+    async def connect(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        station_id: str,
+        shard_count: int = DEFAULT_SHARDS,
+        max_clock_skew: float = 300.0,
+        wall_clock: Callable[[], float] = time.time,
+        compact_after: int = 1000,
+    ) -> Store:
+        """Open the store; the caller must ``await store.close()``."""
+        check_station_id(station_id)
+        if not 1 <= shard_count <= MAX_SHARDS:
+            raise InvalidInput("shard count", shard_count, f"must be 1-{MAX_SHARDS}")
+        db_path = Path(path)
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        # Create the file 0600 ourselves: SQLite would use the umask, and the WAL and SHM
+        # files copy the main file's permissions.
+        os.close(os.open(db_path, os.O_RDWR | os.O_CREAT, 0o600))
+        db = await aiosqlite.connect(db_path, isolation_level=None)
+        try:
+            await db.execute("PRAGMA journal_mode = WAL")
+            await db.execute("PRAGMA synchronous = FULL")
+            await db.execute("PRAGMA busy_timeout = 5000")
+            await migrate(db, str(db_path))
+            meta = await _read_meta(db)
+            client_id, last_hlc = await _claim_identity(
+                db, str(db_path), meta, station_id, shard_count
+            )
+            reader = await aiosqlite.connect(f"file:{db_path}?mode=ro", uri=True)
+        except BaseException:
+            await db.close()
+            raise
+        clock = HybridClock(last_hlc, max_skew_ms=int(max_clock_skew * 1000))
+        store = cls(
+            db_path,
+            db,
+            reader,
+            station_id=station_id,
+            shard_count=shard_count,
+            client_id=client_id,
+            clock=clock,
+            wall_clock=wall_clock,
+            compact_after=compact_after,
+        )
+        try:
+            await store._load()
+            await store._ensure_index(meta)
+        except BaseException:
+            await reader.close()
+            await db.close()
+            raise
+        store._origin = LOCAL
+        store._writer = asyncio.create_task(store._run_writer(), name="store: writer")
+        return store
+
+    async def close(self) -> None:
+        """Commit what is pending, mark a clean shutdown and close. Idempotent."""
+        if self._closed:
+            return
+        self._closing = True
+        self._wakeup.set()
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                await self._writer
+        try:
+            if self._failure is None:
+                await self._db.execute("BEGIN IMMEDIATE")
+                await _set_meta(self._db, {"hlc": self._clock.last, "clean_shutdown": 1})
+                await self._db.commit()
+        finally:
+            self._closed = True
+            await self._reader.close()
+            await self._db.close()
+
+    def _check_open(self) -> None:
+        if self._failure is not None:
+            raise StoreClosed(f"store stopped after a failed commit: {self._failure}")
+        if self._closing or self._closed:
+            raise StoreClosed("store is closed")
+
+    # ------------------------------------------------------------------ loading
+
+    async def _load(self) -> None:
+        names = set(fixed_doc_names(self.shard_count))
+        async with self._db.execute(
+            "SELECT doc FROM snapshots UNION SELECT doc FROM updates"
+        ) as cur:
+            names.update(row[0] for row in await cur.fetchall())
+        for name in sorted(names):
+            self._new_doc(name, observe=False)
+        async with self._db.execute("SELECT doc, state, upto_seq FROM snapshots") as cur:
+            async for name, state, upto in cur:
+                self._docs[name].apply_update(state)
+                self._next_seq[name] = int(upto) + 1
+        async with self._db.execute("SELECT doc, seq, data FROM updates ORDER BY doc, seq") as cur:
+            async for name, seq, data in cur:
+                self._docs[name].apply_update(data)
+                self._next_seq[name] = max(self._next_seq[name], int(seq) + 1)
+                self._log_length[name] += 1
+        for name, doc in self._docs.items():
+            self._watch(name, doc)
+            if name.startswith("items/"):
+                shard = int(name.split("/")[1])
+                for root in documents.root_names(doc):
+                    if is_item_id(root):
+                        self._known_items[root] = shard
+        async with self._db.execute("SELECT doc, station, count FROM ledger_progress") as cur:
+            async for name, station, count in cur:
+                self._ledger_indexed[(name, station)] = int(count)
+
+    def _new_doc(self, name: str, *, observe: bool = True) -> Doc[Any]:
+        doc: Doc[Any] = Doc(client_id=self.client_id)
+        self._docs[name] = doc
+        self._next_seq[name] = 1
+        self._log_length[name] = 0
+        if observe:
+            self._watch(name, doc)
+        return doc
+
+    def _watch(self, name: str, doc: Doc[Any]) -> None:
+        doc.observe(partial(self._on_doc_update, name))
+        if name.startswith("items/"):
+            documents.changes_map(doc).observe(partial(self._on_item_markers, name))
+
+    async def _ensure_index(self, meta: Mapping[str, str]) -> None:
+        """Rebuild the query index when its layout changed or rows are missing."""
+        stored_version = int(meta.get("index_version", "0"))
+        if stored_version == INDEX_VERSION and await index.item_count(self._db) == len(
+            self._known_items
+        ):
+            return
+        if self._known_items:
+            _LOGGER.warning("rebuilding the query index of %s from the documents", self.path)
+        views = [self._compute_view(item_id) for item_id in self._known_items]
+        movements: list[Movement] = []
+        progress: dict[tuple[str, str], int] = {}
+        for name, doc in self._docs.items():
+            if name.startswith("ledger/"):
+                for station in documents.ledger_stations(doc):
+                    entries = documents.ledger_tail(doc, station, 0)
+                    movements += [m for m in map(movement_from_raw, entries) if m]
+                    progress[(name, station)] = len(entries)
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            await index.clear(self._db)
+            await index.write_views(self._db, views)
+            await index.write_movements(self._db, movements)
+            await self._db.executemany(
+                "INSERT INTO ledger_progress (doc, station, count) VALUES (?, ?, ?)",
+                [(doc, station, count) for (doc, station), count in progress.items()],
+            )
+            await _set_meta(self._db, {"index_version": INDEX_VERSION})
+            await self._db.commit()
+        except BaseException:
+            await self._db.rollback()
+            raise
+        self._ledger_indexed = progress
+
+    # ------------------------------------------------------------------ observers
+
+    def _on_doc_update(self, name: str, event: TransactionEvent) -> None:
+        self._changed_docs.add(name)
+        if self._origin == LOCAL:
+            self._batch.updates.append(CommittedUpdate(name, event.update, LOCAL))
+
+    def _on_item_markers(self, name: str, event: MapEvent) -> None:
+        shard = int(name.split("/")[1])
+        remote = self._origin not in (LOCAL, _LOADING)
+        changed: dict[str, dict[str, Any]] = getattr(event, "keys", {})
+        for key, change in changed.items():
+            parts = split_slot_key(key)
+            if parts is None or not is_item_id(parts[0]):
+                continue
+            item_id, station = parts
+            self._batch.touched.add(item_id)
+            self._batch.views.pop(item_id, None)
+            self._known_items[item_id] = shard
+            new_value = change.get("newValue")
+            if remote and isinstance(new_value, int | float) and station != self.station_id:
+                self._observe_remote_clock(station, int(new_value))
+
+    def _observe_remote_clock(self, station: str, remote_hlc: int) -> None:
+        now = self._now_ms()
+        skew = self._clock.observe(remote_hlc, now)
+        if skew is None:
+            return
+        self._skewed[station] = SkewedStation(station, skew.ahead_ms, now)
+        if now - self._skew_logged.get(station, -_SKEW_LOG_INTERVAL_MS) >= _SKEW_LOG_INTERVAL_MS:
+            self._skew_logged[station] = now
+            _LOGGER.warning(
+                "station %s clock is %.1f min ahead of ours; its writes are merged but do not "
+                "move our clock",
+                station,
+                skew.ahead_ms / 60_000,
+            )
+
+    # ------------------------------------------------------------------ helpers
+
+    def _now_ms(self) -> int:
+        return int(self._wall_clock() * 1000)
+
+    def _tick(self) -> int:
+        return self._clock.tick(self._now_ms())
+
+    def _doc(self, name: str) -> Doc[Any]:
+        doc = self._docs.get(name)
+        if doc is None:
+            doc = self._new_doc(name)
+        return doc
+
+    def _item_doc(self, item_id: str) -> Doc[Any]:
+        return self._docs[item_doc(shard_of(item_id, self.shard_count))]
+
+    def _raw_item(self, item_id: str) -> dict[str, Any]:
+        doc = self._item_doc(item_id)
+        return documents.read_maps(doc, [item_id])[item_id]
+
+    def _compute_view(self, item_id: str) -> ItemView:
+        return item_view(item_id, self._raw_item(item_id))
+
+    def _live_view(self, item_id: str) -> ItemView:
+        """The current view of an item from memory (includes not-yet-committed writes)."""
+        if item_id not in self._known_items:
+            raise ItemNotFound(item_id)
+        view = self._compute_view(item_id)
+        if view.deleted:
+            raise ItemNotFound(item_id)
+        return view
+
+    def _write_item(
+        self,
+        item_id: str,
+        hlc: int,
+        *,
+        registers: Mapping[str, object] = {},
+        stock_delta: int = 0,
+        fresh: bool = False,
+    ) -> None:
+        """One local transaction on an item: register writes, a stock delta, the marker."""
+        doc = self._item_doc(item_id)
+        with doc.transaction(origin=LOCAL):
+            item = documents.item_map(doc, item_id)
+            raw = {} if fresh else self._raw_item(item_id)
+            for name, value in registers.items():
+                documents.write_register(item, self.station_id, name, value, hlc, fresh=fresh)
+            if stock_delta:
+                own, _ = stock_slots(raw).get(self.station_id, (0, 0))
+                documents.add_stock(item, self.station_id, stock_delta, own, hlc)
+            documents.mark_changed(doc, item_id, documents.stations_of(raw), self.station_id, hlc)
+        self._known_items[item_id] = shard_of(item_id, self.shard_count)
+
+    def _record(
+        self,
+        view: ItemView,
+        *,
+        op: str,
+        hlc: int,
+        operator: str,
+        qty: int = 0,
+        sheet: str | None = None,
+    ) -> Movement:
+        movement = Movement(
+            id=new_uuid7(physical_ms(hlc)),
+            hlc=hlc,
+            station=self.station_id,
+            operator=operator,
+            item=view.id,
+            barcode=view.barcode,
+            op=op,
+            qty=qty,
+            sheet=sheet,
+        )
+        name = ledger_doc(physical_ms(hlc))
+        doc = self._doc(name)
+        with doc.transaction(origin=LOCAL):
+            documents.append_movement(doc, movement)
+        key = (name, self.station_id)
+        self._ledger_indexed[key] = self._ledger_indexed.get(key, 0) + 1
+        self._batch.ledger_progress[key] = self._ledger_indexed[key]
+        self._batch.movements.append(movement)
+        return movement
+
+    def _settled_view(self, item_id: str) -> ItemView:
+        """Compute the view after a local write and keep it for the coming commit."""
+        view = self._compute_view(item_id)
+        self._batch.touched.add(item_id)
+        self._batch.views[item_id] = view
+        return view
+
+    async def _commit(self) -> None:
+        """Wait until everything done so far is durably stored."""
+        batch = self._batch
+        self._wakeup.set()
+        await asyncio.shield(batch.done)
+
+    # ------------------------------------------------------------------ operations
+
+    async def add_item(self, new: NewItem, *, operator: str = "") -> ItemView:
+        """Add one item; returns once it is durably stored."""
+        self._check_open()
+        (view,) = self._add_items([new], _check_operator(operator))
+        await self._commit()
+        return view
+
+    async def import_items(self, rows: Sequence[NewItem], *, operator: str = "") -> list[ItemView]:
+        """Add many items in one commit. All rows are validated first: all or nothing."""
+        self._check_open()
+        views = self._add_items(rows, _check_operator(operator))
+        await self._commit()
+        return views
+
+    def _add_items(self, rows: Sequence[NewItem], operator: str) -> list[ItemView]:
+        checked = [_check_new_item(row) for row in rows]
+        views: list[ItemView] = []
+        for new in checked:
+            hlc = self._tick()
+            item_id = new_uuid7(physical_ms(hlc))
+            registers: dict[str, object] = {
+                "barcode": new.barcode,
+                "name": new.name,
+                "kind": new.kind,
+                "location": new.location,
+                "category": new.category,
+                "notes": new.notes,
+            }
+            if new.kind == "serial":
+                registers["status"] = "in"
+            self._write_item(
+                item_id,
+                hlc,
+                registers=registers,
+                stock_delta=new.qty if new.kind == "bulk" else 0,
+                fresh=True,
+            )
+            view = self._settled_view(item_id)
+            self._record(view, op="add", hlc=hlc, operator=operator, qty=view.stock)
+            views.append(view)
+        return views
+
+    async def edit_item(
+        self, item_id: str, changes: Mapping[str, object], *, operator: str = ""
+    ) -> ItemView:
+        """Set descriptive fields (barcode, name, location, category, notes, status)."""
+        self._check_open()
+        operator = _check_operator(operator)
+        view = self._live_view(item_id)
+        if not changes:
+            raise InvalidInput("changes", {}, "nothing to change")
+        registers: dict[str, object] = {}
+        for name, value in changes.items():
+            if name not in EDITABLE_FIELDS:
+                raise InvalidInput(
+                    "field", name, f"editable fields are {', '.join(EDITABLE_FIELDS)}"
+                )
+            registers[name] = check_field(name, value)
+        if "status" in registers:
+            if view.kind != "serial":
+                raise WrongState(view.barcode, "only serialized units have a status")
+            if registers["status"] == "out":
+                raise InvalidInput("status", "out", "use checkout to send a unit out")
+            if view.sheet is not None:
+                registers["sheet"] = None
+        hlc = self._tick()
+        self._write_item(item_id, hlc, registers=registers)
+        view = self._settled_view(item_id)
+        self._record(view, op="edit", hlc=hlc, operator=operator)
+        await self._commit()
+        return view
+
+    async def delete_item(self, item_id: str, *, operator: str = "") -> ItemView:
+        """Mark an item deleted (a register, so later offline edits do not resurrect it)."""
+        self._check_open()
+        operator = _check_operator(operator)
+        self._live_view(item_id)
+        hlc = self._tick()
+        self._write_item(item_id, hlc, registers={"deleted": True})
+        view = self._settled_view(item_id)
+        self._record(view, op="delete", hlc=hlc, operator=operator)
+        await self._commit()
+        return view
+
+    async def checkout(
+        self, item_id: str, qty: int = 1, *, sheet: str | None = None, operator: str = ""
+    ) -> ItemView:
+        """Send units out, optionally onto a pull sheet."""
+        self._check_open()
+        operator = _check_operator(operator)
+        qty = check_qty(qty)
+        sheet_name = check_field("sheet", sheet) if sheet is not None else None
+        assert sheet_name is None or isinstance(sheet_name, str)
+        view = self._live_view(item_id)
+        hlc = self._tick()
+        if view.kind == "serial":
+            if qty != 1:
+                raise InvalidInput("qty", qty, "a serialized unit is checked out one at a time")
+            if view.status != "in":
+                where = f" on sheet {view.sheet}" if view.sheet else ""
+                raise WrongState(view.barcode, f"unit is {view.status}{where}, not in")
+            self._write_item(item_id, hlc, registers={"status": "out", "sheet": sheet_name})
+        else:
+            if qty > view.stock:
+                raise InsufficientStock(view.barcode, qty, max(view.stock, 0))
+            self._write_item(item_id, hlc, stock_delta=-qty)
+        if sheet_name is not None:
+            self._add_to_sheet(sheet_name, item_id, qty)
+        view = self._settled_view(item_id)
+        self._record(view, op="checkout", hlc=hlc, operator=operator, qty=qty, sheet=sheet_name)
+        await self._commit()
+        return view
+
+    async def return_units(
+        self, item_id: str, qty: int = 1, *, sheet: str | None = None, operator: str = ""
+    ) -> ItemView:
+        """Bring units back in (a serialized unit also leaves its sheet)."""
+        self._check_open()
+        operator = _check_operator(operator)
+        qty = check_qty(qty)
+        sheet_name = check_field("sheet", sheet) if sheet is not None else None
+        assert sheet_name is None or isinstance(sheet_name, str)
+        view = self._live_view(item_id)
+        hlc = self._tick()
+        if view.kind == "serial":
+            if qty != 1:
+                raise InvalidInput("qty", qty, "a serialized unit is returned one at a time")
+            if view.status == "in":
+                raise WrongState(view.barcode, "unit is already in")
+            sheet_name = sheet_name or view.sheet
+            self._write_item(item_id, hlc, registers={"status": "in", "sheet": None})
+        else:
+            self._write_item(item_id, hlc, stock_delta=qty)
+        if sheet_name is not None:
+            self._add_to_sheet(sheet_name, item_id, -qty)
+        view = self._settled_view(item_id)
+        self._record(view, op="return", hlc=hlc, operator=operator, qty=qty, sheet=sheet_name)
+        await self._commit()
+        return view
+
+    async def count(self, item_id: str, counted: int, *, operator: str = "") -> ItemView:
+        """Record a stock count: the difference from this station's view is added.
+
+        For a serialized unit, 1 means "it is here" (status in) and 0 means lost.
+        """
+        self._check_open()
+        operator = _check_operator(operator)
+        counted = check_qty(counted, name="counted", minimum=0, maximum=MAX_STOCK)
+        view = self._live_view(item_id)
+        hlc = self._tick()
+        if view.kind == "serial":
+            if counted > 1:
+                raise InvalidInput("counted", counted, "a serialized unit counts as 0 or 1")
+            status = "in" if counted else "lost"
+            delta = counted - view.stock
+            if status != view.status:
+                self._write_item(item_id, hlc, registers={"status": status, "sheet": None})
+        else:
+            delta = counted - view.stock
+            if delta:
+                self._write_item(item_id, hlc, stock_delta=delta)
+        view = self._settled_view(item_id)
+        self._record(view, op="count", hlc=hlc, operator=operator, qty=delta)
+        await self._commit()
+        return view
+
+    async def resolve_conflict(
+        self, item_id: str, field_name: str, value: object, *, operator: str = ""
+    ) -> ItemView:
+        """Pick the value of a conflicted field; the write supersedes every live slot."""
+        self._check_open()
+        operator = _check_operator(operator)
+        view = self._live_view(item_id)
+        conflicted = {conflict.field for conflict in view.conflicts}
+        if view.double_booked:
+            conflicted |= {"status", "sheet"}
+        if field_name not in conflicted:
+            raise NoConflict(view.barcode, field_name)
+        checked = check_field(field_name, value)
+        registers: dict[str, object] = {field_name: checked}
+        if field_name == "sheet" and view.kind == "serial":
+            # One status write supersedes the concurrent "out" slots too.
+            registers["status"] = "out" if checked is not None else "in"
+        if field_name == "status" and view.kind == "serial" and checked != "out":
+            registers["sheet"] = None
+        hlc = self._tick()
+        self._write_item(item_id, hlc, registers=registers)
+        view = self._settled_view(item_id)
+        self._record(view, op="resolve", hlc=hlc, operator=operator)
+        await self._commit()
+        return view
+
+    def _add_to_sheet(self, sheet: str, item_id: str, delta: int) -> None:
+        doc = self._doc(sheet_doc(sheet))
+        with doc.transaction(origin=LOCAL):
+            documents.add_to_sheet(doc, sheet, item_id, self.station_id, delta)
+
+    async def set_station_name(self, name: str) -> None:
+        """Publish this station's display name in the fleet document."""
+        self._check_open()
+        if not isinstance(name, str) or not name.strip() or len(name) > 64:
+            raise InvalidInput("station name", name, "use 1-64 characters")
+        doc = self._docs[FLEET_DOC]
+        with doc.transaction(origin=LOCAL):
+            documents.set_member(doc, self.station_id, {"name": name.strip(), "hlc": self._tick()})
+        await self._commit()
+
+    # ------------------------------------------------------------------ queries
+
+    async def find(self, key: str) -> list[ItemView]:
+        """Live items with this barcode (several if the barcode is claimed twice), or by id."""
+        self._check_open()
+        if is_item_id(key):
+            view = await index.by_id(self._reader, key)
+            return [view] if view is not None and not view.deleted else []
+        return await index.by_barcode(self._reader, check_barcode(key))
+
+    async def item(self, key: str) -> ItemView:
+        """The one live item with this barcode or id."""
+        found = await self.find(key)
+        if not found:
+            raise ItemNotFound(key)
+        if len(found) > 1:
+            raise AmbiguousBarcode(key, [view.id for view in found])
+        return found[0]
+
+    async def list_items(
+        self,
+        search: str | None = None,
+        *,
+        limit: int = 1000,
+        offset: int = 0,
+        include_deleted: bool = False,
+    ) -> list[ItemView]:
+        self._check_open()
+        check_qty(limit, name="limit", minimum=1, maximum=MAX_STOCK)
+        check_qty(offset, name="offset", minimum=0, maximum=2**31)
+        return await index.search(
+            self._reader, search, limit=limit, offset=offset, include_deleted=include_deleted
+        )
+
+    async def conflicts(self) -> list[ItemView]:
+        """Live items with at least one field conflict."""
+        self._check_open()
+        return [view for view in await index.conflicted(self._reader) if not view.deleted]
+
+    async def alerts(self) -> list[Alert]:
+        """Oversold items, double-booked units and barcodes claimed by several items."""
+        self._check_open()
+        return await index.alerts(self._reader)
+
+    async def history(self, key: str) -> list[Movement]:
+        """Every movement of the item(s) with this barcode or id, merged across stations."""
+        self._check_open()
+        if is_item_id(key):
+            view = await index.by_id(self._reader, key)
+            barcode = view.barcode if view else key
+            return await index.history(self._reader, [key], barcode)
+        barcode = check_barcode(key)
+        items = await index.by_barcode(self._reader, barcode)
+        return await index.history(self._reader, [view.id for view in items], barcode)
+
+    def sheet(self, sheet: str) -> dict[str, int]:
+        """Units out per item id on a pull sheet."""
+        self._check_open()
+        name = check_field("sheet", sheet)
+        assert isinstance(name, str)
+        return documents.sheet_lines(self._doc(sheet_doc(name)), name)
+
+    def fleet_members(self) -> dict[str, Any]:
+        self._check_open()
+        return documents.members(self._docs[FLEET_DOC])
+
+    def clock_warnings(self) -> list[SkewedStation]:
+        """Stations seen with clocks too far ahead (reported in status and logs)."""
+        return sorted(self._skewed.values(), key=lambda s: s.station)
+
+    @property
+    def hlc(self) -> int:
+        return self._clock.last
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "items": len(self._known_items),
+            "documents": len(self._docs),
+            "log_updates": sum(self._log_length.values()),
+        }
+
+    # ------------------------------------------------------------------ sync seam
+
+    def doc_names(self) -> list[str]:
+        return sorted(self._docs)
+
+    def state_vector(self, doc_name: str) -> bytes:
+        check_doc_name(doc_name, self.shard_count)
+        doc = self._docs.get(doc_name)
+        return doc.get_state() if doc is not None else b"\x00"
+
+    def diff(self, doc_name: str, state_vector: bytes | None = None) -> bytes:
+        """The update another replica with ``state_vector`` lacks (all if ``None``)."""
+        check_doc_name(doc_name, self.shard_count)
+        doc = self._docs.get(doc_name)
+        if doc is None:
+            return Doc().get_update()
+        try:
+            return doc.get_update(state_vector)
+        except ValueError as exc:
+            raise CorruptUpdate(doc_name, f"bad state vector: {exc}") from exc
+
+    async def apply_remote(self, doc_name: str, update: bytes, origin: str) -> bool:
+        """Merge an update received from ``origin``; True if it changed anything.
+
+        The update is decoded before it touches the document, so a corrupt or truncated
+        one is refused with :class:`CorruptUpdate` and nothing changes. Returns after the
+        update is durably stored; subscribers then see it with its origin.
+        """
+        self._check_open()
+        check_doc_name(doc_name, self.shard_count)
+        if origin == LOCAL or not origin:
+            raise InvalidInput("origin", origin, "remote updates need the peer's name")
+        if len(update) > MAX_REMOTE_UPDATE:
+            raise CorruptUpdate(doc_name, f"{len(update)} bytes is over the limit")
+        try:
+            pycrdt.get_state(update)
+        except Exception as exc:
+            raise CorruptUpdate(doc_name, str(exc)) from exc
+        doc = self._doc(doc_name)
+        self._changed_docs.discard(doc_name)
+        self._origin = origin
+        try:
+            with doc.transaction(origin=origin):
+                doc.apply_update(update)
+        except Exception as exc:
+            raise CorruptUpdate(doc_name, str(exc)) from exc
+        finally:
+            self._origin = LOCAL
+        if doc_name not in self._changed_docs:
+            return False
+        self._batch.updates.append(CommittedUpdate(doc_name, update, origin))
+        if doc_name.startswith("ledger/"):
+            self._index_ledger(doc_name, doc)
+        await self._commit()
+        return True
+
+    def _index_ledger(self, name: str, doc: Doc[Any]) -> None:
+        for station in documents.ledger_stations(doc):
+            key = (name, station)
+            done = self._ledger_indexed.get(key, 0)
+            entries = documents.ledger_tail(doc, station, done)
+            if not entries:
+                continue
+            for raw in entries:
+                movement = movement_from_raw(raw)
+                if movement is not None:
+                    self._batch.movements.append(movement)
+                    self._observe_remote_clock(movement.station, movement.hlc)
+            self._ledger_indexed[key] = done + len(entries)
+            self._batch.ledger_progress[key] = done + len(entries)
+
+    def subscribe(self, callback: Callable[[CommittedUpdate], None]) -> Callable[[], None]:
+        """Call ``callback`` with every update once it is durably stored."""
+        self._subscribers.append(callback)
+        return partial(self._unsubscribe, callback)
+
+    def _unsubscribe(self, callback: Callable[[CommittedUpdate], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._subscribers.remove(callback)
+
+    async def compact(self, doc_names: Iterable[str] | None = None) -> None:
+        """Fold the update log of these documents (default: all) into snapshots."""
+        self._check_open()
+        names = list(doc_names) if doc_names is not None else self.doc_names()
+        for name in names:
+            check_doc_name(name, self.shard_count)
+            if name in self._docs:
+                self._batch.compact.add(name)
+                # One snapshot per commit keeps each event-loop stall to one document.
+                await self._commit()
+
+    # ------------------------------------------------------------------ writer
+
+    async def _run_writer(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            batch = self._batch
+            if batch.is_empty():
+                if self._closing:
+                    batch.done.set_result(None)
+                    return
+                continue
+            self._batch = _Batch(self._loop.create_future())
+            try:
+                await self._write(batch)
+            except BaseException as exc:
+                self._failure = exc
+                _LOGGER.critical("commit failed, the store stops: %s", exc)
+                failure = StoreClosed(f"commit failed: {exc}")
+                for pending in (batch, self._batch):
+                    if not pending.done.done():
+                        pending.done.set_exception(failure)
+                        pending.done.exception()  # mark retrieved: waiters may be gone
+                raise
+            batch.done.set_result(None)
+            for update in batch.updates:
+                for callback in list(self._subscribers):
+                    try:
+                        callback(update)
+                    except Exception:
+                        _LOGGER.exception("update subscriber failed")
+            if self._closing and self._batch.is_empty():
+                self._batch.done.set_result(None)
+                return
+
+    async def _write(self, batch: _Batch) -> None:
+        # Everything read from memory is taken before the first await, so the index
+        # and snapshots match exactly the updates in this commit.
+        views = [
+            batch.views.get(item_id) or self._compute_view(item_id) for item_id in batch.touched
+        ]
+        rows = []
+        for update in batch.updates:
+            seq = self._next_seq[update.doc]
+            self._next_seq[update.doc] = seq + 1
+            self._log_length[update.doc] += 1
+            rows.append((update.doc, seq, update.update))
+        compact = set(batch.compact)
+        for name in {update.doc for update in batch.updates}:
+            if self._log_length[name] >= self._compact_after and not compact:
+                compact.add(name)
+        snapshots = [
+            (
+                name,
+                self._docs[name].get_update(),
+                self._docs[name].get_state(),
+                self._next_seq[name] - 1,
+            )
+            for name in compact
+        ]
+        db = self._db
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            await db.executemany("INSERT INTO updates (doc, seq, data) VALUES (?, ?, ?)", rows)
+            await index.write_views(db, views)
+            await index.write_movements(db, batch.movements)
+            await db.executemany(
+                "INSERT OR REPLACE INTO ledger_progress (doc, station, count) VALUES (?, ?, ?)",
+                [(doc, station, n) for (doc, station), n in batch.ledger_progress.items()],
+            )
+            for name, state, state_vector, upto in snapshots:
+                await db.execute(
+                    "INSERT OR REPLACE INTO snapshots (doc, state, state_vector, upto_seq) "
+                    "VALUES (?, ?, ?, ?)",
+                    (name, state, state_vector, upto),
+                )
+                await db.execute("DELETE FROM updates WHERE doc = ? AND seq <= ?", (name, upto))
+            await _set_meta(db, {"hlc": self._clock.last})
+            await db.commit()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await db.rollback()
+            raise
+        for name, *_ in snapshots:
+            self._log_length[name] = 0
+
+
+# ---------------------------------------------------------------------- module helpers
+
+
+def _check_operator(operator: str) -> str:
+    if not isinstance(operator, str) or len(operator) > 64:
+        raise InvalidInput("operator", operator, "use at most 64 characters")
+    if any(ord(char) < 32 for char in operator):
+        raise InvalidInput("operator", operator, "contains control characters")
+    return operator.strip()
+
+
+def _check_new_item(new: NewItem) -> NewItem:
+    kind = check_field("kind", new.kind)
+    if kind == "serial" and new.qty not in (0, 1):
+        raise InvalidInput("qty", new.qty, "a serialized unit is one unit")
+    qty = check_qty(new.qty, name="qty", minimum=0, maximum=MAX_STOCK)
+    return NewItem(
+        barcode=check_barcode(new.barcode),
+        name=str(check_field("name", new.name)),
+        kind="serial" if kind == "serial" else "bulk",
+        qty=qty,
+        location=str(check_field("location", new.location)),
+        category=str(check_field("category", new.category)),
+        notes=str(check_field("notes", new.notes)),
+    )
+
+
+async def _read_meta(db: aiosqlite.Connection) -> dict[str, str]:
+    async with db.execute("SELECT key, value FROM meta") as cursor:
+        return {str(key): str(value) for key, value in await cursor.fetchall()}
+
+
+async def _set_meta(db: aiosqlite.Connection, values: Mapping[str, object]) -> None:
+    await db.executemany(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+        [(key, str(value)) for key, value in values.items()],
+    )
+
+
+async def _claim_identity(
+    db: aiosqlite.Connection,
+    path: str,
+    meta: Mapping[str, str],
+    station_id: str,
+    shard_count: int,
+) -> tuple[int, int]:
+    """Check the store belongs to this station and pick the Yjs client id for this run.
+
+    The client id is reused only after a clean shutdown, when everything written under it
+    is durably stored; after a crash a fresh random one avoids two histories sharing an id.
+    """
+    for setting, requested in (("station_id", station_id), ("shard_count", shard_count)):
+        stored = meta.get(setting)
+        if stored is not None and stored != str(requested):
+            raise StoreMismatch(path, setting, stored, requested)
+    clean = meta.get("clean_shutdown") == "1" and "client_id" in meta
+    client_id = int(meta["client_id"]) if clean else secrets.randbelow(2**53 - 2) + 1
+    last_hlc = int(meta.get("hlc", "0"))
+    await db.execute("BEGIN IMMEDIATE")
+    await _set_meta(
+        db,
+        {
+            "station_id": station_id,
+            "shard_count": shard_count,
+            "client_id": client_id,
+            "clean_shutdown": 0,
+        },
+    )
+    await db.commit()
+    return client_id, last_hlc

@@ -1,0 +1,1 @@
+"""The per-station service: lifecycle, config, control API, discovery, peer sync, security."""
