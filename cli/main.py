@@ -1,17 +1,689 @@
 """``invsync``: the command line of a station.
 
-The commands arrive with the daemon's control API; until then the CLI only reports its
-version.
+Thin by design: parse, call the daemon's control API, print, and map errors to exit
+codes (0 ok, 1 failed, 2 usage, 3 daemon not reachable). ``--json`` prints one JSON
+document per command (the scan loop: one object per line), documented in docs/cli.md.
+Heavy imports (pycrdt, aiohttp) stay out of this path so the CLI starts fast.
 """
 
 from __future__ import annotations
 
-from importlib.metadata import version
+import csv
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, NoReturn
 
 import click
 
+from . import output
+from .client import ApiFailure, ControlClient, DaemonUnreachable, default_socket_path, item_route
 
-@click.group()
-@click.version_option(version("invsync"), prog_name="invsync")
-def main() -> None:
+EXIT_FAILED = 1
+EXIT_UNREACHABLE = 3
+IMPORT_CHUNK = 500
+EXPORT_PAGE = 1000
+CSV_COLUMNS = ("barcode", "name", "qty", "kind", "location", "category", "notes")
+#: How long the scan loop keeps retrying while the daemon restarts.
+SCAN_RETRY_SECONDS = 60.0
+
+
+@dataclass
+class Context:
+    socket_path: Path
+    as_json: bool
+    operator: str
+    _client: ControlClient | None = None
+
+    @property
+    def client(self) -> ControlClient:
+        if self._client is None:
+            self._client = ControlClient(self.socket_path)
+        return self._client
+
+    def call(
+        self,
+        method: str,
+        route: str,
+        body: dict[str, Any] | None = None,
+        query: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        try:
+            return self.client.request(method, route, body, query)
+        except DaemonUnreachable as exc:
+            unreachable(exc)
+        except ApiFailure as exc:
+            self.fail(exc)
+
+    def fail(self, exc: ApiFailure) -> NoReturn:
+        if self.as_json:
+            click.echo(json.dumps({"error": {"code": exc.code, "message": str(exc), **exc.body}}))
+        else:
+            click.echo(f"invsync: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+
+    def emit(self, data: Any, human: str | Callable[[], str]) -> None:
+        if self.as_json:
+            click.echo(json.dumps(data))
+        else:
+            click.echo(human if isinstance(human, str) else human())
+
+
+def unreachable(exc: DaemonUnreachable) -> NoReturn:
+    click.echo(f"invsync: {exc}", err=True)
+    click.echo(
+        "Start the daemon with 'invsyncd' (or 'sudo systemctl start invsyncd'), or point "
+        "--socket / INVSYNC_SOCKET at its control socket.",
+        err=True,
+    )
+    sys.exit(EXIT_UNREACHABLE)
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="INVSYNC_SOCKET",
+    help="Control socket of the daemon (default: the station's).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (for scripts).")
+@click.option(
+    "--operator",
+    envvar="INVSYNC_OPERATOR",
+    default=lambda: os.environ.get("USER", ""),
+    help="Who is working (recorded in the history; default $USER).",
+)
+@click.version_option(package_name="invsync", prog_name="invsync")
+@click.pass_context
+def main(ctx: click.Context, socket_path: Path | None, as_json: bool, operator: str) -> None:
     """invsync: local-first inventory sync for warehouse scanner stations."""
+    state = Context(socket_path or default_socket_path(), as_json, operator or "")
+    ctx.obj = state
+    ctx.call_on_close(lambda: state._client.close() if state._client else None)
+
+
+# ---------------------------------------------------------------------- status
+
+
+@main.command()
+@pass_ctx
+def status(ctx: Context) -> None:
+    """Show this station, its inventory and whether everything is synced."""
+    data = ctx.call("GET", "status")
+
+    def human() -> str:
+        station = data["station"]
+        lines = [
+            f"Station   {station['name']} ({station['id']})",
+            f"Items     {data['items']}",
+            f"Conflicts {data['conflicts']}    Alerts {data['alerts']}",
+        ]
+        peers = data.get("peers", {})
+        if peers.get("available"):
+            lines.append(
+                f"Peers     {peers.get('connected', 0)} connected of {peers.get('known', 0)}"
+            )
+        else:
+            lines.append("Peers     peer sync is not available in this version")
+        cloud = data.get("cloud", {})
+        lines.append("Cloud     " + ("configured" if cloud.get("configured") else "not configured"))
+        for warning in data.get("clock_warnings", []):
+            lines.append(
+                f"WARNING   station {warning['station']} clock is "
+                f"{warning['ahead_ms'] / 60000:.1f} min ahead"
+            )
+        return "\n".join(lines)
+
+    ctx.emit(data, human)
+
+
+@main.command()
+@pass_ctx
+def peers(ctx: Context) -> None:
+    """List the other stations of the fleet and their sync state."""
+    data = ctx.call("GET", "peers")
+    ctx.emit(data, lambda: json.dumps(data, indent=2))
+
+
+@main.command()
+@pass_ctx
+def sync(ctx: Context) -> None:
+    """Exchange changes with every peer now and wait until they are in step."""
+    data = ctx.call("POST", "sync", {})
+    ctx.emit(data, lambda: json.dumps(data, indent=2))
+
+
+# ---------------------------------------------------------------------- items
+
+
+@main.group()
+def item() -> None:
+    """Add, show, list, edit and remove items."""
+
+
+@item.command("add")
+@click.argument("barcode")
+@click.option("--name", required=True, help="What people call it.")
+@click.option("--qty", type=int, default=0, show_default=True, help="Units on the shelf now.")
+@click.option("--serial", is_flag=True, help="One barcode = one physical unit.")
+@click.option("--location", default="", help="Where it lives (aisle, shelf, bin).")
+@click.option("--category", default="", help="Audio, Lighting, Cables...")
+@click.option("--notes", default="", help="Anything else.")
+@pass_ctx
+def item_add(
+    ctx: Context,
+    barcode: str,
+    name: str,
+    qty: int,
+    serial: bool,
+    location: str,
+    category: str,
+    notes: str,
+) -> None:
+    """Add an item with BARCODE."""
+    body = {
+        "barcode": barcode,
+        "name": name,
+        "qty": 1 if serial and qty == 0 else qty,
+        "kind": "serial" if serial else "bulk",
+        "location": location,
+        "category": category,
+        "notes": notes,
+        "operator": ctx.operator,
+    }
+    data = ctx.call("POST", "items", body)
+    added = data["item"]
+    ctx.emit(data, f"Added {output.label(added)}: {added['stock']} in stock")
+
+
+@item.command("show")
+@click.argument("barcode")
+@pass_ctx
+def item_show(ctx: Context, barcode: str) -> None:
+    """Show the item with BARCODE (or item id)."""
+    data = ctx.call("GET", item_route(barcode))
+
+    def human() -> str:
+        blocks = [output.item_block(found) for found in data["items"]]
+        if len(blocks) > 1:
+            blocks.insert(0, f"{len(blocks)} items share barcode {barcode}:")
+        return "\n\n".join(blocks)
+
+    ctx.emit(data, human)
+
+
+@item.command("list")
+@click.option("--search", "-s", default=None, help="Text in barcode, name, location or category.")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=1000, show_default=True)
+@click.option("--offset", type=click.IntRange(0), default=0)
+@click.option("--deleted", is_flag=True, help="Include deleted items.")
+@pass_ctx
+def item_list(ctx: Context, search: str | None, limit: int, offset: int, deleted: bool) -> None:
+    """List items, by name."""
+    query = {
+        "search": search,
+        "limit": limit,
+        "offset": offset,
+        "deleted": "1" if deleted else None,
+    }
+    data = ctx.call("GET", "items", query=query)
+    ctx.emit(data, lambda: output.items_table(data["items"]) if data["items"] else "No items.")
+
+
+@item.command("edit")
+@click.argument("barcode")
+@click.option("--name")
+@click.option("--barcode", "new_barcode", help="Give the item a new barcode.")
+@click.option("--location")
+@click.option("--category")
+@click.option("--notes")
+@click.option("--status", type=click.Choice(["in", "repair", "lost"]), help="Serialized units.")
+@pass_ctx
+def item_edit(ctx: Context, /, barcode: str, new_barcode: str | None, **fields: str | None) -> None:
+    """Change fields of the item with BARCODE."""
+    changes = {key: value for key, value in fields.items() if value is not None}
+    if new_barcode is not None:
+        changes["barcode"] = new_barcode
+    if not changes:
+        raise click.UsageError("give at least one field to change, e.g. --name or --location")
+    data = ctx.call("PATCH", item_route(barcode), {"changes": changes, "operator": ctx.operator})
+    ctx.emit(data, f"Updated {output.label(data['item'])}: {', '.join(sorted(changes))}")
+
+
+@item.command("rm")
+@click.argument("barcode")
+@pass_ctx
+def item_rm(ctx: Context, barcode: str) -> None:
+    """Delete the item with BARCODE (its history is kept)."""
+    data = ctx.call("DELETE", item_route(barcode), query={"operator": ctx.operator})
+    ctx.emit(data, f"Deleted {output.label(data['item'])}")
+
+
+# ---------------------------------------------------------------------- stock
+
+
+def _stock_call(ctx: Context, action: str, barcode: str, body: dict[str, Any]) -> dict[str, Any]:
+    body = {**body, "operator": ctx.operator, "op_id": str(uuid.uuid4())}
+    return ctx.call("POST", item_route(barcode, action), body)
+
+
+@main.command()
+@click.argument("barcode")
+@click.option("--qty", type=int, default=1, show_default=True)
+@click.option("--sheet", help="Pull sheet (job or event) the units go out on.")
+@pass_ctx
+def checkout(ctx: Context, barcode: str, qty: int, sheet: str | None) -> None:
+    """Check units of BARCODE out."""
+    data = _stock_call(ctx, "checkout", barcode, {"qty": qty, "sheet": sheet})
+    ctx.emit(data, output.movement_sentence("checkout", qty, data["item"]))
+
+
+@main.command("return")
+@click.argument("barcode")
+@click.option("--qty", type=int, default=1, show_default=True)
+@click.option("--sheet", help="Pull sheet the units come back from.")
+@pass_ctx
+def return_(ctx: Context, barcode: str, qty: int, sheet: str | None) -> None:
+    """Return units of BARCODE."""
+    data = _stock_call(ctx, "return", barcode, {"qty": qty, "sheet": sheet})
+    ctx.emit(data, output.movement_sentence("return", qty, data["item"]))
+
+
+@main.command()
+@click.argument("barcode")
+@click.argument("qty", type=int)
+@pass_ctx
+def count(ctx: Context, barcode: str, qty: int) -> None:
+    """Record that QTY units of BARCODE are on the shelf."""
+    data = _stock_call(ctx, "count", barcode, {"counted": qty})
+    change = data["change"]
+    ctx.emit(data, f"Counted {qty} × {output.label(data['item'])}: {change:+d}")
+
+
+@main.command()
+@click.argument("barcode")
+@pass_ctx
+def history(ctx: Context, barcode: str) -> None:
+    """Every movement of BARCODE, across all stations, oldest first."""
+    data = ctx.call("GET", item_route(barcode, "history"))
+    ctx.emit(data, lambda: output.movements_table(data["movements"]))
+
+
+# ---------------------------------------------------------------------- scan loop
+
+
+@dataclass
+class _Tally:
+    scans: int = 0
+    ok: int = 0
+    not_found: int = 0
+    failed: int = 0
+
+    def to_json(self) -> dict[str, int]:
+        return {
+            "scans": self.scans,
+            "ok": self.ok,
+            "not_found": self.not_found,
+            "failed": self.failed,
+        }
+
+
+def _scan_once(
+    ctx: Context, mode: str, barcode: str, qty: int, sheet: str | None
+) -> dict[str, Any]:
+    """One scan, retried (with the same operation id) while the daemon restarts."""
+    if mode == "lookup":
+        method, route, body = "GET", item_route(barcode), None
+    else:
+        payload: dict[str, Any] = {"counted": qty} if mode == "count" else {"qty": qty}
+        if sheet and mode in ("checkout", "return"):
+            payload["sheet"] = sheet
+        payload.update(operator=ctx.operator, op_id=str(uuid.uuid4()))
+        method, route, body = "POST", item_route(barcode, mode), payload
+    deadline = time.monotonic() + SCAN_RETRY_SECONDS
+    warned = False
+    while True:
+        try:
+            return ctx.client.request(method, route, body)
+        except DaemonUnreachable as exc:
+            if time.monotonic() >= deadline:
+                raise
+            if not warned:
+                click.echo(f"invsync: {exc.reason}; retrying...", err=True)
+                warned = True
+            ctx.client.close()
+            time.sleep(0.2)
+
+
+def _scan_line(mode: str, barcode: str, qty: int, data: dict[str, Any]) -> str:
+    if mode == "lookup":
+        found = data["items"]
+        if len(found) > 1:
+            return f"{barcode}: {len(found)} items share this barcode"
+        entry = found[0]
+        state = entry["status"] if entry["kind"] == "serial" else f"{entry['stock']} in stock"
+        return f"{output.label(entry)}: {state}"
+    if mode == "count":
+        return f"Counted {qty} × {output.label(data['item'])}: {data['change']:+d}"
+    return output.movement_sentence(mode, qty, data["item"])
+
+
+def _barcodes(stream: IO[str]) -> Iterator[str]:
+    for line in stream:
+        code = line.strip()
+        if code:
+            yield code
+
+
+@main.command()
+@click.argument("barcode", required=False)
+@click.option(
+    "--mode",
+    type=click.Choice(["lookup", "checkout", "return", "count"]),
+    default="lookup",
+    show_default=True,
+)
+@click.option(
+    "--qty", type=int, default=1, show_default=True, help="Units per scan (count: on shelf)."
+)
+@click.option("--sheet", help="Pull sheet for checkout/return.")
+@pass_ctx
+def scan(ctx: Context, barcode: str | None, mode: str, qty: int, sheet: str | None) -> None:
+    """Scan BARCODE, or with no BARCODE read one barcode per line from stdin.
+
+    The loop keeps going on unknown barcodes, and ends on EOF or Ctrl-C with a summary.
+    """
+    tally = _Tally()
+    codes: Iterator[str] = iter([barcode]) if barcode else _barcodes(sys.stdin)
+    if barcode is None and sys.stdin.isatty() and not ctx.as_json:
+        click.echo(f"Scanning ({mode}). Scan a barcode, Ctrl-D or Ctrl-C to finish.", err=True)
+    try:
+        for code in codes:
+            tally.scans += 1
+            try:
+                data = _scan_once(ctx, mode, code, qty, sheet)
+            except DaemonUnreachable as exc:
+                _scan_summary(ctx, tally, single=barcode is not None)
+                unreachable(exc)
+            except ApiFailure as exc:
+                if exc.code == "not_found":
+                    tally.not_found += 1
+                    result = {"barcode": code, "ok": False, "error": "not_found"}
+                    human = f"{code}: not found"
+                else:
+                    tally.failed += 1
+                    result = {"barcode": code, "ok": False, "error": exc.code, "message": str(exc)}
+                    human = f"{code}: {exc}"
+                ctx.emit(result, human)
+                continue
+            tally.ok += 1
+            ctx.emit({"barcode": code, "ok": True, **data}, _scan_line(mode, code, qty, data))
+    except KeyboardInterrupt:
+        pass
+    _scan_summary(ctx, tally, single=barcode is not None)
+    if barcode is not None and tally.ok == 0:
+        sys.exit(EXIT_FAILED)
+
+
+def _scan_summary(ctx: Context, tally: _Tally, *, single: bool) -> None:
+    if single:
+        return
+    if ctx.as_json:
+        click.echo(json.dumps({"summary": tally.to_json()}))
+    else:
+        click.echo(
+            f"{tally.scans} scans: {tally.ok} ok, {tally.not_found} not found, "
+            f"{tally.failed} failed",
+            err=True,
+        )
+
+
+# ---------------------------------------------------------------------- conflicts
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def conflicts(click_ctx: click.Context) -> None:
+    """List conflicts resolved automatically, and alerts (oversold, double-booked)."""
+    if click_ctx.invoked_subcommand is not None:
+        return
+    ctx: Context = click_ctx.obj
+    data = ctx.call("GET", "conflicts")
+
+    def human() -> str:
+        if not data["conflicts"] and not data["alerts"]:
+            return "No conflicts and no alerts."
+        lines = []
+        for entry in data["conflicts"]:
+            lines.append(output.label(entry))
+            lines += [f"  {output.conflict_line(c)}" for c in entry["conflicts"]]
+        for alert in data["alerts"]:
+            names = ", ".join(output.label(i) for i in alert["items"])
+            lines.append(f"ALERT {alert['kind'].replace('_', ' ')}: {names}")
+        lines.append("Pick a value with: invsync conflicts resolve BARCODE FIELD VALUE")
+        return "\n".join(lines)
+
+    ctx.emit(data, human)
+
+
+@conflicts.command("resolve")
+@click.argument("barcode")
+@click.argument("field")
+@click.argument("value")
+@pass_ctx
+def conflicts_resolve(ctx: Context, barcode: str, field: str, value: str) -> None:
+    """Set FIELD of BARCODE to VALUE, replacing every conflicting value."""
+    body = {"key": barcode, "field": field, "value": value, "operator": ctx.operator}
+    data = ctx.call("POST", "conflicts/resolve", body)
+    ctx.emit(data, f"Resolved {field} of {output.label(data['item'])}: {value}")
+
+
+# ---------------------------------------------------------------------- import / export
+
+
+def _progress(total: int, label: str, quiet: bool) -> Any:
+    """A progress bar on a terminal; nothing when piped or with --json."""
+    show = not quiet and sys.stderr.isatty()
+    return click.progressbar(
+        length=total, label=label, file=sys.stderr if show else open(os.devnull, "w")
+    )
+
+
+@main.command("import")
+@click.argument("file", type=click.File("r", encoding="utf-8-sig"))
+@pass_ctx
+def import_(ctx: Context, file: IO[str]) -> None:
+    """Import a catalog CSV (header: barcode,name,qty,kind,location,category,notes).
+
+    Bad rows are reported by line number and skipped; rows whose barcode already exists
+    are skipped. Every good row is imported whole or not at all.
+    """
+    text = file.read()
+    reader = csv.reader(text.splitlines(keepends=True))
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise click.UsageError(f"{file.name} is empty: expected a header row") from None
+    records: list[dict[str, Any]] = []
+    try:
+        for values in reader:
+            if any(v.strip() for v in values):
+                records.append({"line": reader.line_num, "values": values})
+    except csv.Error as exc:
+        raise click.UsageError(f"{file.name} line {reader.line_num}: {exc}") from None
+    imported = 0
+    skipped: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
+    with _progress(len(records), "Importing", ctx.as_json) as bar:
+        for start in range(0, len(records), IMPORT_CHUNK):
+            chunk = records[start : start + IMPORT_CHUNK]
+            data = ctx.call(
+                "POST", "import", {"header": header, "rows": chunk, "operator": ctx.operator}
+            )
+            imported += data["imported"]
+            skipped += data["skipped"]
+            errors += data["errors"]
+            bar.update(len(chunk))
+    if not records:
+        # Still check the header, so a wrong file is reported, not silently accepted.
+        ctx.call("POST", "import", {"header": header, "rows": []})
+    totals = {"imported": imported, "skipped": skipped, "errors": errors}
+
+    def human() -> str:
+        lines = [f"line {e['line']}: {e['message']}" for e in errors]
+        lines.append(
+            f"Imported {imported} items; {len(skipped)} already present; "
+            f"{len(errors)} rows with errors skipped"
+        )
+        return "\n".join(lines)
+
+    ctx.emit(totals, human)
+    if errors:
+        sys.exit(EXIT_FAILED)
+
+
+@main.command()
+@click.option(
+    "--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True
+)
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File to write (default: stdout).",
+)
+@pass_ctx
+def export(ctx: Context, fmt: str, out: Path | None) -> None:
+    """Export every item (CSV with the import columns plus id, stock and status)."""
+    total = ctx.call("GET", "status")["items"]
+    items: list[dict[str, Any]] = []
+    with _progress(total, "Exporting", ctx.as_json or out is None) as bar:
+        offset = 0
+        while True:
+            page = ctx.call("GET", "items", query={"limit": EXPORT_PAGE, "offset": offset})["items"]
+            items += page
+            bar.update(len(page))
+            if len(page) < EXPORT_PAGE:
+                break
+            offset += EXPORT_PAGE
+    handle: IO[str] = out.open("w", encoding="utf-8", newline="") if out else sys.stdout
+    try:
+        if fmt == "json":
+            json.dump({"items": items}, handle, indent=2 if out else None)
+            handle.write("\n")
+        else:
+            writer = csv.writer(handle)
+            writer.writerow([*CSV_COLUMNS, "id", "stock", "status", "sheet"])
+            for entry in items:
+                writer.writerow(
+                    [
+                        entry["barcode"],
+                        entry["name"],
+                        entry["stock"] if entry["kind"] == "bulk" else 1,
+                        entry["kind"],
+                        entry["location"],
+                        entry["category"],
+                        entry["notes"],
+                        entry["id"],
+                        entry["stock"],
+                        entry["status"],
+                        entry["sheet"] or "",
+                    ]
+                )
+    finally:
+        if out:
+            handle.close()
+    if out:
+        summary = {"exported": len(items), "file": str(out), "format": fmt}
+        ctx.emit(summary, f"Exported {len(items)} items to {out}")
+
+
+# ---------------------------------------------------------------------- fleet and cloud
+
+
+@main.group()
+def fleet() -> None:
+    """This station's fleet: id, members, enrollment and revocation."""
+
+
+@fleet.command("id")
+@pass_ctx
+def fleet_id(ctx: Context) -> None:
+    """Print this station's id."""
+    data = ctx.call("GET", "fleet")
+    ctx.emit({"station_id": data["station_id"], "name": data["name"]}, data["station_id"])
+
+
+@fleet.command("members")
+@pass_ctx
+def fleet_members(ctx: Context) -> None:
+    """List the stations of the fleet."""
+    data = ctx.call("GET", "fleet")
+    rows = [(m["station_id"], m["name"]) for m in data["members"]]
+    ctx.emit({"members": data["members"]}, lambda: output.table(("STATION", "NAME"), rows))
+
+
+@fleet.command("invite")
+@click.option("--expires", default="15m", show_default=True)
+@pass_ctx
+def fleet_invite(ctx: Context, expires: str) -> None:
+    """Print a one-time token that lets a new station join."""
+    data = ctx.call("POST", "fleet/invite", {"expires": expires})
+    ctx.emit(data, str(data.get("token")))
+
+
+@fleet.command("join")
+@click.argument("token")
+@pass_ctx
+def fleet_join(ctx: Context, token: str) -> None:
+    """Join the fleet that issued TOKEN."""
+    data = ctx.call("POST", "fleet/join", {"token": token})
+    ctx.emit(data, "Joined the fleet")
+
+
+@fleet.command("revoke")
+@click.argument("station_id")
+@pass_ctx
+def fleet_revoke(ctx: Context, station_id: str) -> None:
+    """Cut STATION_ID off the fleet."""
+    data = ctx.call("POST", "fleet/revoke", {"station_id": station_id})
+    ctx.emit(data, f"Revoked {station_id}")
+
+
+@main.group()
+def cloud() -> None:
+    """The Supabase/Postgres cloud bridge."""
+
+
+@cloud.command("status")
+@pass_ctx
+def cloud_status(ctx: Context) -> None:
+    """Whether the bridge is configured and how far behind it is."""
+    data = ctx.call("GET", "cloud")
+    ctx.emit(data, "Cloud bridge " + ("configured" if data.get("configured") else "not configured"))
+
+
+@cloud.command("push")
+@pass_ctx
+def cloud_push(ctx: Context) -> None:
+    """Push every pending change to the cloud now."""
+    data = ctx.call("POST", "cloud/push", {})
+    ctx.emit(data, json.dumps(data))
+
+
+@cloud.command("pull")
+@pass_ctx
+def cloud_pull(ctx: Context) -> None:
+    """Pull web edits from the cloud now."""
+    data = ctx.call("POST", "cloud/pull", {})
+    ctx.emit(data, json.dumps(data))

@@ -184,6 +184,11 @@ async def history(
     return [Movement(*row) for row in rows]
 
 
+async def movement_exists(db: aiosqlite.Connection, movement_id: str) -> bool:
+    async with db.execute("SELECT 1 FROM movements WHERE id = ?", (movement_id,)) as cursor:
+        return await cursor.fetchone() is not None
+
+
 async def item_count(db: aiosqlite.Connection) -> int:
     async with db.execute("SELECT count(*) FROM items") as cursor:
         row = await cursor.fetchone()

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -81,6 +82,9 @@ _LOADING = "loading"
 #: Largest update accepted from outside (a full 100k-item shard is ~1 MB).
 MAX_REMOTE_UPDATE = 64 * 1024 * 1024
 _SKEW_LOG_INTERVAL_MS = 600_000
+#: Operation ids remembered in memory for retries; older ones are found in the index.
+_RECENT_OPS = 10_000
+_OP_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +163,8 @@ class Store:
         self._next_seq: dict[str, int] = {}
         self._log_length: dict[str, int] = {}
         self._known_items: dict[str, int] = {}
+        self._recent_ops: dict[str, None] = {}
+        self._marker_maps: list[Any] = []
         self._ledger_indexed: dict[tuple[str, str], int] = {}
         self._origin = _LOADING
         self._changed_docs: set[str] = set()
@@ -325,7 +331,10 @@ class Store:
     def _watch(self, name: str, doc: Doc[Any]) -> None:
         doc.observe(partial(self._on_doc_update, name))
         if name.startswith("items/"):
-            documents.changes_map(doc).observe(partial(self._on_item_markers, name))
+            # pycrdt drops a Map observer together with the Map wrapper: keep both alive.
+            markers = documents.changes_map(doc)
+            markers.observe(partial(self._on_item_markers, name))
+            self._marker_maps.append(markers)
 
     async def _ensure_index(self, meta: Mapping[str, str]) -> None:
         """Rebuild the query index when its layout changed or rows are missing."""
@@ -463,9 +472,10 @@ class Store:
         operator: str,
         qty: int = 0,
         sheet: str | None = None,
+        op_id: str | None = None,
     ) -> Movement:
         movement = Movement(
-            id=new_uuid7(physical_ms(hlc)),
+            id=op_id or new_uuid7(physical_ms(hlc)),
             hlc=hlc,
             station=self.station_id,
             operator=operator,
@@ -483,7 +493,28 @@ class Store:
         self._ledger_indexed[key] = self._ledger_indexed.get(key, 0) + 1
         self._batch.ledger_progress[key] = self._ledger_indexed[key]
         self._batch.movements.append(movement)
+        self._recent_ops[movement.id] = None
+        if len(self._recent_ops) > _RECENT_OPS:
+            del self._recent_ops[next(iter(self._recent_ops))]
         return movement
+
+    async def _replayed(self, op_id: str | None, item_id: str) -> ItemView | None:
+        """The result of an operation already applied under ``op_id``, else ``None``.
+
+        Clients that lost the answer (the daemon was killed mid-request) retry with the
+        same id; the retry must not count the units twice. When this returns ``None`` the
+        caller must apply the operation without awaiting in between.
+        """
+        if op_id is None:
+            return None
+        if not _OP_ID_RE.match(op_id):
+            raise InvalidInput("op_id", op_id, "expected a UUID chosen by the client")
+        known = op_id in self._recent_ops or await index.movement_exists(self._reader, op_id)
+        if not known and op_id not in self._recent_ops:
+            return None
+        await self._commit()
+        view = self._compute_view(item_id)
+        return view
 
     def _settled_view(self, item_id: str) -> ItemView:
         """Compute the view after a local write and keep it for the coming commit."""
@@ -515,7 +546,7 @@ class Store:
         return views
 
     def _add_items(self, rows: Sequence[NewItem], operator: str) -> list[ItemView]:
-        checked = [_check_new_item(row) for row in rows]
+        checked = [check_new_item(row) for row in rows]
         views: list[ItemView] = []
         for new in checked:
             hlc = self._tick()
@@ -585,14 +616,22 @@ class Store:
         return view
 
     async def checkout(
-        self, item_id: str, qty: int = 1, *, sheet: str | None = None, operator: str = ""
+        self,
+        item_id: str,
+        qty: int = 1,
+        *,
+        sheet: str | None = None,
+        operator: str = "",
+        op_id: str | None = None,
     ) -> ItemView:
-        """Send units out, optionally onto a pull sheet."""
+        """Send units out, optionally onto a pull sheet (``op_id``: see ``_replayed``)."""
         self._check_open()
         operator = _check_operator(operator)
         qty = check_qty(qty)
         sheet_name = check_field("sheet", sheet) if sheet is not None else None
         assert sheet_name is None or isinstance(sheet_name, str)
+        if (done := await self._replayed(op_id, item_id)) is not None:
+            return done
         view = self._live_view(item_id)
         hlc = self._tick()
         if view.kind == "serial":
@@ -609,12 +648,26 @@ class Store:
         if sheet_name is not None:
             self._add_to_sheet(sheet_name, item_id, qty)
         view = self._settled_view(item_id)
-        self._record(view, op="checkout", hlc=hlc, operator=operator, qty=qty, sheet=sheet_name)
+        self._record(
+            view,
+            op="checkout",
+            hlc=hlc,
+            operator=operator,
+            qty=qty,
+            sheet=sheet_name,
+            op_id=op_id,
+        )
         await self._commit()
         return view
 
     async def return_units(
-        self, item_id: str, qty: int = 1, *, sheet: str | None = None, operator: str = ""
+        self,
+        item_id: str,
+        qty: int = 1,
+        *,
+        sheet: str | None = None,
+        operator: str = "",
+        op_id: str | None = None,
     ) -> ItemView:
         """Bring units back in (a serialized unit also leaves its sheet)."""
         self._check_open()
@@ -622,6 +675,8 @@ class Store:
         qty = check_qty(qty)
         sheet_name = check_field("sheet", sheet) if sheet is not None else None
         assert sheet_name is None or isinstance(sheet_name, str)
+        if (done := await self._replayed(op_id, item_id)) is not None:
+            return done
         view = self._live_view(item_id)
         hlc = self._tick()
         if view.kind == "serial":
@@ -636,11 +691,15 @@ class Store:
         if sheet_name is not None:
             self._add_to_sheet(sheet_name, item_id, -qty)
         view = self._settled_view(item_id)
-        self._record(view, op="return", hlc=hlc, operator=operator, qty=qty, sheet=sheet_name)
+        self._record(
+            view, op="return", hlc=hlc, operator=operator, qty=qty, sheet=sheet_name, op_id=op_id
+        )
         await self._commit()
         return view
 
-    async def count(self, item_id: str, counted: int, *, operator: str = "") -> ItemView:
+    async def count(
+        self, item_id: str, counted: int, *, operator: str = "", op_id: str | None = None
+    ) -> ItemView:
         """Record a stock count: the difference from this station's view is added.
 
         For a serialized unit, 1 means "it is here" (status in) and 0 means lost.
@@ -648,6 +707,8 @@ class Store:
         self._check_open()
         operator = _check_operator(operator)
         counted = check_qty(counted, name="counted", minimum=0, maximum=MAX_STOCK)
+        if (done := await self._replayed(op_id, item_id)) is not None:
+            return done
         view = self._live_view(item_id)
         hlc = self._tick()
         if view.kind == "serial":
@@ -662,7 +723,7 @@ class Store:
             if delta:
                 self._write_item(item_id, hlc, stock_delta=delta)
         view = self._settled_view(item_id)
-        self._record(view, op="count", hlc=hlc, operator=operator, qty=delta)
+        self._record(view, op="count", hlc=hlc, operator=operator, qty=delta, op_id=op_id)
         await self._commit()
         return view
 
@@ -885,15 +946,11 @@ class Store:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            batch = self._batch
-            if batch.is_empty():
-                if self._closing:
-                    batch.done.set_result(None)
-                    return
-                continue
-            self._batch = _Batch(self._loop.create_future())
+            batch, self._batch = self._batch, _Batch(self._loop.create_future())
+            # An empty batch still resolves: its waiters only need what came before it.
             try:
-                await self._write(batch)
+                if not batch.is_empty():
+                    await self._write(batch)
             except BaseException as exc:
                 self._failure = exc
                 _LOGGER.critical("commit failed, the store stops: %s", exc)
@@ -913,6 +970,8 @@ class Store:
             if self._closing and self._batch.is_empty():
                 self._batch.done.set_result(None)
                 return
+            if not self._batch.is_empty():
+                self._wakeup.set()
 
     async def _write(self, batch: _Batch) -> None:
         # Everything read from memory is taken before the first await, so the index
@@ -977,7 +1036,8 @@ def _check_operator(operator: str) -> str:
     return operator.strip()
 
 
-def _check_new_item(new: NewItem) -> NewItem:
+def check_new_item(new: NewItem) -> NewItem:
+    """Validate a new item as entered; raises :class:`InvalidInput` naming the field."""
     kind = check_field("kind", new.kind)
     if kind == "serial" and new.qty not in (0, 1):
         raise InvalidInput("qty", new.qty, "a serialized unit is one unit")

@@ -1,65 +1,168 @@
-"""``invsyncd``: the station daemon's entry point.
+"""``invsyncd``: the station daemon's entry point and lifecycle.
 
-For now it opens the station's store in its data directory (creating the station identity
-and the store on first start) and runs until SIGTERM/SIGINT, then closes the store
-cleanly. The control API, peer sync and the cloud bridge attach here as they arrive.
+One asyncio process. Start-up order: settings, data directory (0700) and its lock, the
+station identity, the store, the control socket; then READY=1 to systemd. SIGTERM and
+SIGINT only set the stop event; shutdown closes the control socket first (no new
+operations), then the store (flushing pending commits), and exits 0.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+import stat
 import sys
 from pathlib import Path
+from typing import Any
+
+import click
 
 from crdt_store import Store, StoreError
 
+from .config import Config, ConfigError, load_config
+from .control import ControlApi, ControlServer, ControlSocketError
 from .identity import StationIdentity, load_or_create
+from .lock import DataDirBusy, DataDirLock
+from .notify import Notifier
 
 _LOGGER = logging.getLogger("invsyncd")
 
 
-def default_data_dir() -> Path:
-    for variable in ("INVSYNC_DATA_DIR", "STATE_DIRECTORY"):
-        value = os.environ.get(variable)
-        if value:
-            return Path(value.split(":")[0])
-    return Path.home() / ".local" / "share" / "invsync"
+class StartupError(Exception):
+    """The daemon cannot start; the message says what to fix."""
 
 
-async def serve(data_dir: Path, identity: StationIdentity) -> None:
+def prepare_data_dir(data_dir: Path) -> None:
+    """Create the data directory 0700, or refuse one that others can read."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise StartupError(f"cannot create data directory {data_dir}: {exc.strerror}") from exc
+    mode = stat.S_IMODE(data_dir.stat().st_mode)
+    if mode & 0o077:
+        raise StartupError(
+            f"data directory {data_dir} is mode {mode:04o}: other users could read the "
+            f"station key and inventory; run: chmod 700 {data_dir}"
+        )
+
+
+async def run_station(
+    config: Config,
+    identity: StationIdentity,
+    stop: asyncio.Event,
+    notifier: Notifier,
+) -> None:
+    """Run every component until ``stop`` is set; each is closed on the way out."""
+    async with Store.open(
+        config.db_path,
+        station_id=identity.station_id,
+        shard_count=config.shard_count,
+        max_clock_skew=config.max_clock_skew,
+    ) as store:
+        if store.fleet_members().get(identity.station_id, {}).get("name") != config.name:
+            await store.set_station_name(config.name)
+        api = ControlApi(store, config)
+        async with ControlServer(api, config.socket_path), asyncio.TaskGroup() as tasks:
+            items = store.stats()["items"]
+            _LOGGER.info(
+                "station %s (%s) ready: %d items, control socket %s",
+                identity.station_id,
+                config.name,
+                items,
+                config.socket_path,
+            )
+            notifier.ready(f"ready: {items} items")
+            if notifier.watchdog_interval:
+                tasks.create_task(
+                    _watchdog(notifier, notifier.watchdog_interval, stop), name="watchdog"
+                )
+            await stop.wait()
+            notifier.stopping()
+            _LOGGER.info("stopping: closing the control socket, then the store")
+
+
+async def _watchdog(notifier: Notifier, interval: float, stop: asyncio.Event) -> None:
+    """Ping systemd's watchdog while the event loop is responsive."""
+    while not stop.is_set():
+        notifier.watchdog()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+
+
+async def _serve(config: Config, identity: StationIdentity) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    async with Store.open(data_dir / "inventory.db", station_id=identity.station_id) as store:
-        _LOGGER.info(
-            "station %s ready: %d items in %s",
-            identity.station_id,
-            store.stats()["items"],
-            data_dir,
-        )
-        await stop.wait()
-        _LOGGER.info("stopping")
+    notifier = Notifier()
+    try:
+        await run_station(config, identity, stop, notifier)
+    finally:
+        notifier.close()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="invsyncd", description="invsync station daemon")
-    parser.add_argument("--data-dir", type=Path, default=None, help="where the store lives")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
-    args = parser.parse_args(argv)
+def start(config: Config) -> None:
+    """Everything ``invsyncd`` does after parsing its settings."""
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=config.log_level,
         stream=sys.stderr,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    prepare_data_dir(config.data_dir)
+    lock = DataDirLock(config.data_dir)
+    lock.acquire()
     try:
-        data_dir = args.data_dir or default_data_dir()
-        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        asyncio.run(serve(data_dir, load_or_create(data_dir)))
-    except StoreError as exc:
-        _LOGGER.error("%s", exc)
+        identity = load_or_create(config.data_dir)
+        asyncio.run(_serve(config, identity))
+    finally:
+        lock.release()
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config", "config_file", type=click.Path(dir_okay=False), help="TOML settings file."
+)
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Where the store and keys live.")
+@click.option("--socket", "socket_path", type=click.Path(), help="Control socket path.")
+@click.option("--listen", help="HOST:PORT for peer connections.")
+@click.option("--name", help="Display name of this station (default: host name).")
+@click.option("--mdns-interface", multiple=True, help="IP to run mDNS on (repeatable).")
+@click.option("--no-mdns", is_flag=True, default=None, help="Do not use mDNS discovery.")
+@click.option("--peer", multiple=True, help="Static peer HOST:PORT (repeatable).")
+@click.option("--join", "join_token", help="Join a fleet with a token from 'fleet invite'.")
+@click.option(
+    "--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)
+)
+def main(
+    config_file: str | None,
+    data_dir: str | None,
+    socket_path: str | None,
+    listen: str | None,
+    name: str | None,
+    mdns_interface: tuple[str, ...],
+    no_mdns: bool | None,
+    peer: tuple[str, ...],
+    join_token: str | None,
+    log_level: str | None,
+) -> None:
+    """invsyncd: the invsync station daemon."""
+    flags: dict[str, Any] = {
+        "config": config_file,
+        "data_dir": data_dir,
+        "socket": socket_path,
+        "listen": listen,
+        "name": name,
+        "mdns_interfaces": list(mdns_interface) or None,
+        "mdns": False if no_mdns else None,
+        "peers": list(peer) or None,
+        "join_token": join_token,
+        "log_level": log_level,
+    }
+    try:
+        start(load_config(flags, os.environ))
+    except (ConfigError, StartupError, DataDirBusy, ControlSocketError, StoreError) as exc:
+        click.echo(f"invsyncd: {exc}", err=True)
         sys.exit(1)

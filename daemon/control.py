@@ -1,0 +1,450 @@
+"""The control API: HTTP/JSON on the station's Unix socket.
+
+One endpoint per CLI command. The CLI is its main client; scripts may use it too (see
+docs/api.md). Every error is JSON, ``{"error": {"code": ..., "message": ...}}``, with an
+HTTP status that says whose fault it is (4xx: the request, 5xx: the station). Handlers
+only translate between JSON and the store: the rules live in ``crdt_store``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from crdt_store import (
+    AmbiguousBarcode,
+    InsufficientStock,
+    InvalidInput,
+    ItemNotFound,
+    ItemView,
+    NewItem,
+    NoConflict,
+    Store,
+    StoreClosed,
+    StoreError,
+    WrongState,
+)
+
+from .catalog import RowProblem, parse_rows
+from .config import Config
+
+_LOGGER = logging.getLogger(__name__)
+
+API = "/v1"
+MAX_BODY = 16 * 1024 * 1024
+MAX_IMPORT_ROWS = 5000
+_STATUS_OF: dict[type[StoreError], int] = {
+    InvalidInput: 400,
+    ItemNotFound: 404,
+    AmbiguousBarcode: 409,
+    InsufficientStock: 409,
+    WrongState: 409,
+    NoConflict: 409,
+    StoreClosed: 503,
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    """An error answered as JSON with a code (for problems found by the API itself)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        self.status = status
+        self.code = code
+        super().__init__(message)
+
+
+def error_response(status: int, code: str, message: str, **extra: Any) -> web.Response:
+    body = {"error": {"code": code, "message": message, **extra}}
+    return web.json_response(body, status=status)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.code, str(exc))
+    except StoreError as exc:
+        status = next((s for cls, s in _STATUS_OF.items() if isinstance(exc, cls)), 500)
+        extra: dict[str, Any] = {}
+        if isinstance(exc, InvalidInput):
+            extra["field"] = exc.field
+        if isinstance(exc, AmbiguousBarcode):
+            extra["item_ids"] = exc.item_ids
+        return error_response(status, exc.code, str(exc), **extra)
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            return error_response(exc.status, "http_error", exc.reason)
+        raise
+    except Exception:
+        _LOGGER.exception("control API request %s %s failed", request.method, request.path)
+        return error_response(500, "internal", "internal error; see the daemon log")
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    if not request.body_exists:
+        return {}
+    try:
+        data = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "bad_json", f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "bad_json", "request body must be a JSON object")
+    return data
+
+
+def _int(data: Mapping[str, Any], key: str, default: int) -> int:
+    value = data.get(key, default)
+    if isinstance(value, str) and value.lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(key, value, "must be a whole number")
+    return value
+
+
+def _text(data: Mapping[str, Any], key: str, default: str | None = None) -> str | None:
+    value = data.get(key, default)
+    if value is not None and not isinstance(value, str):
+        raise InvalidInput(key, value, "must be text")
+    return value
+
+
+def _item(view: ItemView) -> dict[str, Any]:
+    return view.to_json()
+
+
+class ControlApi:
+    """Routes of the control API, bound to one station's store and config."""
+
+    def __init__(
+        self,
+        store: Store,
+        config: Config,
+        *,
+        status_extras: Callable[[], Mapping[str, Any]] | None = None,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.started = time.monotonic()
+        self._status_extras = status_extras
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
+        r = app.router
+        r.add_get(f"{API}/status", self.status)
+        r.add_get(f"{API}/items", self.list_items)
+        r.add_post(f"{API}/items", self.add_item)
+        r.add_post(f"{API}/import", self.import_rows)
+        r.add_get(f"{API}/items/{{key}}", self.show_item)
+        r.add_patch(f"{API}/items/{{key}}", self.edit_item)
+        r.add_delete(f"{API}/items/{{key}}", self.delete_item)
+        r.add_post(f"{API}/items/{{key}}/checkout", self.checkout)
+        r.add_post(f"{API}/items/{{key}}/return", self.return_units)
+        r.add_post(f"{API}/items/{{key}}/count", self.count)
+        r.add_get(f"{API}/items/{{key}}/history", self.history)
+        r.add_get(f"{API}/conflicts", self.conflicts)
+        r.add_post(f"{API}/conflicts/resolve", self.resolve)
+        r.add_get(f"{API}/fleet", self.fleet)
+        r.add_get(f"{API}/peers", self.not_yet("peer sync"))
+        r.add_post(f"{API}/sync", self.not_yet("peer sync"))
+        r.add_post(f"{API}/fleet/invite", self.not_yet("fleet security"))
+        r.add_post(f"{API}/fleet/join", self.not_yet("fleet security"))
+        r.add_post(f"{API}/fleet/revoke", self.not_yet("fleet security"))
+        r.add_get(f"{API}/cloud", self.cloud_status)
+        r.add_post(f"{API}/cloud/push", self.not_yet("the cloud bridge"))
+        r.add_post(f"{API}/cloud/pull", self.not_yet("the cloud bridge"))
+        return app
+
+    # -------------------------------------------------------------- status
+
+    async def status(self, request: web.Request) -> web.Response:
+        store = self.store
+        conflicts = await store.conflicts()
+        alerts = await store.alerts()
+        body: dict[str, Any] = {
+            "station": {"id": store.station_id, "name": self.config.name},
+            "data_dir": str(self.config.data_dir),
+            "socket": str(self.config.socket_path),
+            "uptime_s": round(time.monotonic() - self.started, 1),
+            "items": store.stats()["items"],
+            "conflicts": len(conflicts),
+            "alerts": len(alerts),
+            "hlc": store.hlc,
+            "clock_warnings": [
+                {"station": w.station, "ahead_ms": w.ahead_ms} for w in store.clock_warnings()
+            ],
+            "peers": {"available": False, "connected": 0, "known": 0},
+            "cloud": {"configured": self.config.cloud.url is not None},
+        }
+        if self._status_extras is not None:
+            body.update(self._status_extras())
+        return web.json_response(body)
+
+    # -------------------------------------------------------------- items
+
+    async def list_items(self, request: web.Request) -> web.Response:
+        query = request.query
+        views = await self.store.list_items(
+            query.get("search") or None,
+            limit=_int(query, "limit", 1000),
+            offset=_int(query, "offset", 0),
+            include_deleted=query.get("deleted") in ("1", "true"),
+        )
+        return web.json_response({"items": [_item(v) for v in views]})
+
+    async def add_item(self, request: web.Request) -> web.Response:
+        data = await _body(request)
+        kind = _text(data, "kind", "bulk")
+        new = NewItem(
+            barcode=_text(data, "barcode", "") or "",
+            name=_text(data, "name", "") or "",
+            kind="serial" if kind == "serial" else "bulk",
+            qty=_int(data, "qty", 0),
+            location=_text(data, "location", "") or "",
+            category=_text(data, "category", "") or "",
+            notes=_text(data, "notes", "") or "",
+        )
+        if kind not in ("bulk", "serial"):
+            raise InvalidInput("kind", kind, "must be 'bulk' or 'serial'")
+        if await self.store.find(new.barcode) and not data.get("allow_duplicate"):
+            raise ApiError(409, "exists", f"an item with barcode {new.barcode!r} already exists")
+        view = await self.store.add_item(new, operator=_text(data, "operator", "") or "")
+        return web.json_response({"item": _item(view)}, status=201)
+
+    async def import_rows(self, request: web.Request) -> web.Response:
+        """Import catalog rows: ``{"header": [...], "rows": [{"line": n, "values": [...]}]}``.
+
+        Bad rows are reported by line and skipped; rows whose barcode is already in the
+        inventory are skipped too. The good rows of one request land in one commit.
+        """
+        data = await _body(request)
+        header = data.get("header")
+        rows = data.get("rows")
+        if not isinstance(header, list) or not all(isinstance(h, str) for h in header):
+            raise InvalidInput("header", header, "expected a list of column names")
+        if not isinstance(rows, list) or len(rows) > MAX_IMPORT_ROWS:
+            raise InvalidInput("rows", type(rows).__name__, f"expected up to {MAX_IMPORT_ROWS}")
+        records: list[tuple[int, list[str]]] = []
+        for row in rows:
+            if (
+                not isinstance(row, dict)
+                or not isinstance(row.get("line"), int)
+                or not isinstance(row.get("values"), list)
+                or not all(isinstance(v, str) for v in row["values"])
+            ):
+                raise InvalidInput("rows", row, 'each row is {"line": N, "values": [text...]}')
+            records.append((row["line"], row["values"]))
+        good, problems = parse_rows(header, records)
+        fresh: list[NewItem] = []
+        skipped: list[dict[str, Any]] = []
+        seen: dict[str, int] = {}
+        for line, new in good:
+            if new.barcode in seen:
+                problems.append(
+                    RowProblem(line, f"barcode {new.barcode} repeats line {seen[new.barcode]}")
+                )
+            elif await self.store.find(new.barcode):
+                skipped.append({"line": line, "barcode": new.barcode, "reason": "exists"})
+            else:
+                seen[new.barcode] = line
+                fresh.append(new)
+        operator = _text(data, "operator", "") or ""
+        views = await self.store.import_items(fresh, operator=operator) if fresh else []
+        return web.json_response(
+            {
+                "imported": len(views),
+                "skipped": skipped,
+                "errors": sorted((p.to_json() for p in problems), key=lambda p: p["line"]),
+            }
+        )
+
+    async def show_item(self, request: web.Request) -> web.Response:
+        key = request.match_info["key"]
+        views = await self.store.find(key)
+        if not views:
+            raise ItemNotFound(key)
+        return web.json_response({"items": [_item(v) for v in views]})
+
+    async def _target(self, request: web.Request) -> tuple[ItemView, dict[str, Any]]:
+        data = await _body(request)
+        view = await self.store.item(request.match_info["key"])
+        return view, data
+
+    async def edit_item(self, request: web.Request) -> web.Response:
+        view, data = await self._target(request)
+        changes = data.get("changes")
+        if not isinstance(changes, dict):
+            raise InvalidInput("changes", changes, 'expected {"field": value, ...}')
+        operator = _text(data, "operator", "") or ""
+        view = await self.store.edit_item(view.id, changes, operator=operator)
+        return web.json_response({"item": _item(view)})
+
+    async def delete_item(self, request: web.Request) -> web.Response:
+        view = await self.store.item(request.match_info["key"])
+        operator = request.query.get("operator", "")
+        view = await self.store.delete_item(view.id, operator=operator)
+        return web.json_response({"item": _item(view)})
+
+    async def checkout(self, request: web.Request) -> web.Response:
+        view, data = await self._target(request)
+        qty = _int(data, "qty", 1)
+        view = await self.store.checkout(
+            view.id,
+            qty,
+            sheet=_text(data, "sheet"),
+            operator=_text(data, "operator", "") or "",
+        )
+        return web.json_response({"item": _item(view), "qty": qty})
+
+    async def return_units(self, request: web.Request) -> web.Response:
+        view, data = await self._target(request)
+        qty = _int(data, "qty", 1)
+        view = await self.store.return_units(
+            view.id,
+            qty,
+            sheet=_text(data, "sheet"),
+            operator=_text(data, "operator", "") or "",
+        )
+        return web.json_response({"item": _item(view), "qty": qty})
+
+    async def count(self, request: web.Request) -> web.Response:
+        view, data = await self._target(request)
+        before = view.stock
+        if "counted" not in data:
+            raise InvalidInput("counted", None, "give the number of units on the shelf")
+        view = await self.store.count(
+            view.id, _int(data, "counted", 0), operator=_text(data, "operator", "") or ""
+        )
+        return web.json_response({"item": _item(view), "change": view.stock - before})
+
+    async def history(self, request: web.Request) -> web.Response:
+        key = request.match_info["key"]
+        movements = await self.store.history(key)
+        if not movements and not await self.store.find(key):
+            raise ItemNotFound(key)
+        return web.json_response({"movements": [m.to_json() for m in movements]})
+
+    # -------------------------------------------------------------- conflicts
+
+    async def conflicts(self, request: web.Request) -> web.Response:
+        items = await self.store.conflicts()
+        alerts = await self.store.alerts()
+        return web.json_response(
+            {"conflicts": [_item(v) for v in items], "alerts": [a.to_json() for a in alerts]}
+        )
+
+    async def resolve(self, request: web.Request) -> web.Response:
+        data = await _body(request)
+        key = _text(data, "key")
+        field = _text(data, "field")
+        if not key or not field:
+            raise InvalidInput("key", key, "give the barcode (or id) and the field")
+        view = await self.store.item(key)
+        value = data.get("value")
+        view = await self.store.resolve_conflict(
+            view.id, field, value, operator=_text(data, "operator", "") or ""
+        )
+        return web.json_response({"item": _item(view)})
+
+    # -------------------------------------------------------------- fleet, peers, cloud
+
+    async def fleet(self, request: web.Request) -> web.Response:
+        members = self.store.fleet_members()
+        return web.json_response(
+            {
+                "station_id": self.store.station_id,
+                "name": self.config.name,
+                "members": [
+                    {"station_id": sid, "name": entry.get("name", "")}
+                    for sid, entry in sorted(members.items())
+                    if isinstance(entry, dict)
+                ],
+            }
+        )
+
+    async def cloud_status(self, request: web.Request) -> web.Response:
+        return web.json_response({"configured": self.config.cloud.url is not None})
+
+    def not_yet(self, feature: str) -> Handler:
+        async def handler(request: web.Request) -> web.Response:
+            return error_response(
+                501, "not_available", f"this needs {feature}, which this version does not have yet"
+            )
+
+        return handler
+
+
+class ControlServer:
+    """Serves the control API on a Unix socket (mode 0660). ``close()`` is idempotent."""
+
+    def __init__(self, api: ControlApi, path: Path) -> None:
+        self.api = api
+        self.path = path
+        self._runner: web.AppRunner | None = None
+
+    async def __aenter__(self) -> ControlServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        _claim_socket_path(self.path)
+        runner = web.AppRunner(self.api.app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        old_umask = os.umask(0o117)
+        try:
+            site = web.UnixSite(runner, str(self.path))
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise ControlSocketError(self.path, exc.strerror or str(exc)) from exc
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, 0o660)
+        self._runner = runner
+
+    async def close(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+
+class ControlSocketError(Exception):
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path = path
+        super().__init__(f"cannot serve the control socket {path}: {reason}")
+
+
+def _claim_socket_path(path: Path) -> None:
+    """Remove a stale socket left by a crash; refuse if a live daemon answers on it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ControlSocketError(path, exc.strerror or str(exc)) from exc
+    if not path.exists() and not path.is_symlink():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return
+    finally:
+        probe.close()
+    raise ControlSocketError(path, "another daemon is listening on it")

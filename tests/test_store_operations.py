@@ -1,0 +1,511 @@
+"""Each store operation, its effect on what a warehouse sees, and its error paths.
+
+Two-station cases exchange real pycrdt updates between two real stores (each on its own
+SQLite file) with ``diff``/``apply_remote``, the seam the sync layer uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from crdt_store import (
+    AmbiguousBarcode,
+    CorruptUpdate,
+    InsufficientStock,
+    InvalidInput,
+    ItemNotFound,
+    NewItem,
+    NoConflict,
+    Store,
+    UnknownDocument,
+    WrongState,
+)
+from tests.conftest import OpenStore
+
+
+async def sync(a: Store, b: Store) -> None:
+    """Bring two stores to the same state, both ways, for every document."""
+    for source, target in ((a, b), (b, a)):
+        for name in source.doc_names():
+            update = source.diff(name, target.state_vector(name))
+            await target.apply_remote(name, update, origin=source.station_id)
+
+
+SPEAKER = NewItem("SPK001", "QSC K10.2 Speaker", qty=8, location="Aisle 3", category="Audio")
+MIXER = NewItem("MIX001", "Yamaha MG10XU Mixer", kind="serial")
+
+
+# ---------------------------------------------------------------------- add / show / list
+
+
+async def test_add_item_shows_every_field(store: Store) -> None:
+    item = await store.add_item(SPEAKER, operator="dana")
+    found = await store.item("SPK001")
+    assert found == item
+    assert (found.barcode, found.name, found.kind, found.stock) == (
+        "SPK001",
+        "QSC K10.2 Speaker",
+        "bulk",
+        8,
+    )
+    assert (found.location, found.category, found.notes) == ("Aisle 3", "Audio", "")
+    assert not found.deleted and not found.conflicts
+    data = found.to_json()
+    for key in ("id", "barcode", "name", "kind", "stock", "status", "sheet", "location"):
+        assert key in data
+    assert data["conflicts"] == []
+
+
+async def test_item_ids_are_uuidv7_and_distinct(store: Store) -> None:
+    first = await store.add_item(SPEAKER)
+    second = await store.add_item(MIXER)
+    assert first.id != second.id
+    assert first.id[14] == "7" and second.id[14] == "7"
+    assert await store.item(first.id) == first
+
+
+async def test_serial_unit_starts_in_with_stock_one(store: Store) -> None:
+    unit = await store.add_item(MIXER)
+    assert (unit.kind, unit.status, unit.stock, unit.sheet) == ("serial", "in", 1, None)
+
+
+@pytest.mark.parametrize(
+    ("new", "field"),
+    [
+        (NewItem("", "Speaker"), "barcode"),
+        (NewItem("has space", "Speaker"), "barcode"),
+        (NewItem("X" * 65, "Speaker"), "barcode"),
+        (NewItem("SPK\u00e9", "Speaker"), "barcode"),
+        (NewItem("SPK002", "   "), "name"),
+        (NewItem("SPK002", "bad\x07name"), "name"),
+        (NewItem("SPK002", "Speaker", qty=-1), "qty"),
+        (NewItem("SPK002", "Speaker", qty=10**12), "qty"),
+        (NewItem("SPK002", "Speaker", kind="crate"), "kind"),  # type: ignore[arg-type]
+        (NewItem("SPK002", "Speaker", kind="serial", qty=5), "qty"),
+        (NewItem("SPK002", "Speaker", notes="n" * 2001), "notes"),
+    ],
+)
+async def test_add_refuses_bad_input_and_changes_nothing(
+    store: Store, new: NewItem, field: str
+) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        await store.add_item(new)
+    assert caught.value.field == field
+    assert await store.list_items() == []
+    assert await store.history("SPK002") == []
+
+
+async def test_import_is_all_or_nothing(store: Store) -> None:
+    rows = [NewItem(f"XLR{i:03d}", f"XLR cable {i} m", qty=i) for i in range(1, 6)]
+    with pytest.raises(InvalidInput):
+        await store.import_items([*rows, NewItem("bad code", "Broken row")])
+    assert await store.list_items() == []
+    views = await store.import_items(rows)
+    assert [view.stock for view in views] == [1, 2, 3, 4, 5]
+    assert len(await store.list_items()) == 5
+
+
+async def test_list_and_search(store: Store) -> None:
+    await store.import_items(
+        [
+            SPEAKER,
+            MIXER,
+            NewItem("XLR010", "XLR cable 10 m", qty=40, location="Bin 7", category="Cables"),
+        ]
+    )
+    names = [view.name for view in await store.list_items()]
+    assert names == ["QSC K10.2 Speaker", "XLR cable 10 m", "Yamaha MG10XU Mixer"]
+    assert [v.barcode for v in await store.list_items("cable")] == ["XLR010"]
+    assert [v.barcode for v in await store.list_items("aisle")] == ["SPK001"]
+    assert [v.barcode for v in await store.list_items("MIX")] == ["MIX001"]
+    assert await store.list_items("100%_") == []
+    assert len(await store.list_items(limit=2)) == 2
+    assert [v.barcode for v in await store.list_items(limit=1, offset=2)] == ["MIX001"]
+
+
+async def test_unknown_barcode_is_not_found(store: Store) -> None:
+    with pytest.raises(ItemNotFound):
+        await store.item("NOPE")
+    assert await store.find("NOPE") == []
+    with pytest.raises(InvalidInput):
+        await store.find("not a barcode")
+
+
+# ---------------------------------------------------------------------- edit / delete
+
+
+async def test_edit_changes_fields_and_records_history(store: Store) -> None:
+    item = await store.add_item(SPEAKER)
+    edited = await store.edit_item(
+        item.id, {"name": "QSC K12.2 Speaker", "location": "Aisle 4"}, operator="lee"
+    )
+    assert (edited.name, edited.location, edited.stock) == ("QSC K12.2 Speaker", "Aisle 4", 8)
+    assert (await store.item("SPK001")).name == "QSC K12.2 Speaker"
+    history = await store.history("SPK001")
+    assert [(m.op, m.operator) for m in history] == [("add", ""), ("edit", "lee")]
+
+
+async def test_edit_barcode_moves_the_lookup(store: Store) -> None:
+    item = await store.add_item(SPEAKER)
+    await store.edit_item(item.id, {"barcode": "SPK999"})
+    assert await store.find("SPK001") == []
+    assert (await store.item("SPK999")).id == item.id
+    assert [m.op for m in await store.history("SPK999")] == ["add", "edit"]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"kind": "serial"}, {"stock": 5}, {"name": ""}, {"barcode": "a b"}, {"colour": "red"}],
+)
+async def test_edit_refuses_bad_changes(store: Store, changes: dict[str, object]) -> None:
+    item = await store.add_item(SPEAKER)
+    with pytest.raises(InvalidInput):
+        await store.edit_item(item.id, changes)
+    assert await store.item("SPK001") == item
+
+
+async def test_status_edits_apply_to_serial_units_only(store: Store) -> None:
+    speaker = await store.add_item(SPEAKER)
+    unit = await store.add_item(MIXER)
+    with pytest.raises(WrongState):
+        await store.edit_item(speaker.id, {"status": "repair"})
+    with pytest.raises(InvalidInput):
+        await store.edit_item(unit.id, {"status": "out"})
+    repaired = await store.edit_item(unit.id, {"status": "repair"})
+    assert (repaired.status, repaired.stock) == ("repair", 0)
+
+
+async def test_delete_hides_item_but_keeps_history(store: Store) -> None:
+    item = await store.add_item(SPEAKER)
+    gone = await store.delete_item(item.id, operator="lee")
+    assert gone.deleted
+    assert await store.find("SPK001") == []
+    assert await store.list_items() == []
+    assert [v.deleted for v in await store.list_items(include_deleted=True)] == [True]
+    assert [m.op for m in await store.history("SPK001")] == ["add", "delete"]
+    with pytest.raises(ItemNotFound):
+        await store.checkout(item.id)
+    with pytest.raises(ItemNotFound):
+        await store.delete_item(item.id)
+
+
+async def test_operations_on_unknown_item_id_are_refused(store: Store) -> None:
+    unknown = "01900000-0000-7000-8000-000000000000"
+    with pytest.raises(ItemNotFound):
+        await store.checkout(unknown)
+    with pytest.raises(ItemNotFound):
+        await store.edit_item(unknown, {"name": "x"})
+
+
+# ---------------------------------------------------------------------- stock
+
+
+async def test_checkout_return_count_bulk(store: Store) -> None:
+    item = await store.add_item(SPEAKER)
+    assert (await store.checkout(item.id, 2, sheet="JOB-1042")).stock == 6
+    assert (await store.return_units(item.id, 1, sheet="JOB-1042")).stock == 7
+    assert (await store.count(item.id, 50)).stock == 50
+    assert (await store.count(item.id, 50)).stock == 50
+    history = await store.history("SPK001")
+    assert [(m.op, m.qty, m.sheet) for m in history] == [
+        ("add", 8, None),
+        ("checkout", 2, "JOB-1042"),
+        ("return", 1, "JOB-1042"),
+        ("count", 43, None),
+        ("count", 0, None),
+    ]
+    assert store.sheet("JOB-1042") == {item.id: 1}
+
+
+async def test_checkout_more_than_in_stock_is_refused(store: Store) -> None:
+    item = await store.add_item(SPEAKER)
+    with pytest.raises(InsufficientStock) as caught:
+        await store.checkout(item.id, 9)
+    assert (caught.value.requested, caught.value.available) == (9, 8)
+    assert (await store.item("SPK001")).stock == 8
+    assert [m.op for m in await store.history("SPK001")] == ["add"]
+
+
+@pytest.mark.parametrize("qty", [0, -1, 10**7, 1.5, "2", True])
+async def test_absurd_quantities_are_refused(store: Store, qty: object) -> None:
+    item = await store.add_item(SPEAKER)
+    with pytest.raises(InvalidInput):
+        await store.checkout(item.id, qty)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput):
+        await store.return_units(item.id, qty)  # type: ignore[arg-type]
+    assert (await store.item("SPK001")).stock == 8
+
+
+async def test_count_refuses_negative(store: Store) -> None:
+    item = await store.add_item(SPEAKER)
+    with pytest.raises(InvalidInput):
+        await store.count(item.id, -3)
+
+
+async def test_concurrent_checkouts_of_the_last_units(store: Store) -> None:
+    item = await store.add_item(NewItem("SPK002", "Sub", qty=3))
+    results = await asyncio.gather(
+        *(store.checkout(item.id, 1) for _ in range(5)), return_exceptions=True
+    )
+    refused = [r for r in results if isinstance(r, InsufficientStock)]
+    assert len(refused) == 2
+    assert (await store.item("SPK002")).stock == 0
+
+
+async def test_serial_checkout_and_return(store: Store) -> None:
+    unit = await store.add_item(MIXER)
+    out = await store.checkout(unit.id, sheet="JOB-7")
+    assert (out.status, out.sheet, out.stock) == ("out", "JOB-7", 0)
+    with pytest.raises(WrongState, match="out on sheet JOB-7"):
+        await store.checkout(unit.id, sheet="JOB-8")
+    with pytest.raises(InvalidInput):
+        await store.checkout(unit.id, 2)
+    back = await store.return_units(unit.id)
+    assert (back.status, back.sheet, back.stock) == ("in", None, 1)
+    with pytest.raises(WrongState, match="already in"):
+        await store.return_units(unit.id)
+    assert store.sheet("JOB-7") == {}
+
+
+async def test_serial_count_marks_found_or_lost(store: Store) -> None:
+    unit = await store.add_item(MIXER)
+    assert (await store.count(unit.id, 0)).status == "lost"
+    assert (await store.count(unit.id, 1)).status == "in"
+    with pytest.raises(InvalidInput):
+        await store.count(unit.id, 2)
+
+
+# ---------------------------------------------------------------------- two stations
+
+
+async def test_concurrent_checkouts_merge_exactly(open_store: OpenStore) -> None:
+    a, b = await open_store("A"), await open_store("B")
+    item = await a.add_item(SPEAKER)
+    await sync(a, b)
+    await a.checkout(item.id, 2)
+    await b.checkout(item.id, 1)
+    await sync(a, b)
+    assert (await a.item("SPK001")).stock == 5
+    assert (await b.item("SPK001")).stock == 5
+
+
+async def test_concurrent_edits_conflict_latest_wins_and_resolve(
+    open_store: OpenStore,
+) -> None:
+    now = [1_800_000_000.0]
+    a = await open_store("A", wall_clock=lambda: now[0])
+    b = await open_store("B", wall_clock=lambda: now[0])
+    item = await a.add_item(SPEAKER)
+    await sync(a, b)
+    await a.edit_item(item.id, {"location": "Aisle 5"})
+    now[0] += 1
+    await b.edit_item(item.id, {"location": "Truck 2"})
+    await sync(a, b)
+    for station in (a, b):
+        view = await station.item("SPK001")
+        assert view.location == "Truck 2"
+        (conflict,) = view.conflicts
+        assert conflict.field == "location"
+        assert {slot.value for slot in conflict.slots} == {"Aisle 5", "Truck 2"}
+        assert [v.id for v in await station.conflicts()] == [item.id]
+    with pytest.raises(NoConflict):
+        await a.resolve_conflict(item.id, "name", "x")
+    resolved = await a.resolve_conflict(item.id, "location", "Aisle 5")
+    assert (resolved.location, resolved.conflicts) == ("Aisle 5", ())
+    await sync(a, b)
+    assert (await b.item("SPK001")).location == "Aisle 5"
+    assert await b.conflicts() == []
+
+
+async def test_sequential_edits_are_not_conflicts(open_store: OpenStore) -> None:
+    a, b = await open_store("A"), await open_store("B")
+    item = await a.add_item(SPEAKER)
+    await sync(a, b)
+    await a.edit_item(item.id, {"name": "first"})
+    await sync(a, b)
+    await b.edit_item(item.id, {"name": "second"})
+    await sync(a, b)
+    for station in (a, b):
+        view = await station.item("SPK001")
+        assert (view.name, view.conflicts) == ("second", ())
+
+
+async def test_later_write_wins_even_with_a_slower_clock(open_store: OpenStore) -> None:
+    """A write that saw the previous one supersedes it, whatever the clocks say."""
+    a = await open_store("A", wall_clock=lambda: 1_800_000_100.0)
+    b = await open_store("B", wall_clock=lambda: 1_800_000_000.0)
+    item = await a.add_item(SPEAKER)
+    await a.edit_item(item.id, {"notes": "from A"})
+    await sync(a, b)
+    await b.edit_item(item.id, {"notes": "from B"})
+    await sync(a, b)
+    assert (await a.item("SPK001")).notes == "from B"
+    assert (await a.item("SPK001")).conflicts == ()
+
+
+async def test_oversold_after_merge_is_an_alert(open_store: OpenStore) -> None:
+    a, b = await open_store("A"), await open_store("B")
+    item = await a.add_item(NewItem("SPK003", "Monitor", qty=3))
+    await sync(a, b)
+    await a.checkout(item.id, 2)
+    await b.checkout(item.id, 2)
+    await sync(a, b)
+    for station in (a, b):
+        assert (await station.item("SPK003")).stock == -1
+        alerts = await station.alerts()
+        assert [(alert.kind, alert.barcode) for alert in alerts] == [("oversold", "SPK003")]
+    await a.count(item.id, 0)
+    await sync(a, b)
+    assert await b.alerts() == []
+
+
+async def test_double_booked_unit(open_store: OpenStore) -> None:
+    a, b = await open_store("A"), await open_store("B")
+    unit = await a.add_item(MIXER)
+    await sync(a, b)
+    await a.checkout(unit.id, sheet="JOB-1")
+    await b.checkout(unit.id, sheet="JOB-2")
+    await sync(a, b)
+    for station in (a, b):
+        view = await station.item("MIX001")
+        assert view.double_booked
+        assert [c.field for c in view.conflicts] == ["sheet"]
+        assert [alert.kind for alert in await station.alerts()] == ["double_booked"]
+    fixed = await b.resolve_conflict(unit.id, "sheet", "JOB-2")
+    assert (fixed.status, fixed.sheet, fixed.double_booked, fixed.conflicts) == (
+        "out",
+        "JOB-2",
+        False,
+        (),
+    )
+    await sync(a, b)
+    assert await a.alerts() == []
+
+
+async def test_duplicate_barcode_is_an_alert_and_lookups_show_both(
+    open_store: OpenStore,
+) -> None:
+    a, b = await open_store("A"), await open_store("B")
+    first = await a.add_item(NewItem("CASE01", "Road case", qty=1))
+    second = await b.add_item(NewItem("CASE01", "Road case (big)", qty=1))
+    await sync(a, b)
+    for station in (a, b):
+        assert {v.id for v in await station.find("CASE01")} == {first.id, second.id}
+        with pytest.raises(AmbiguousBarcode):
+            await station.item("CASE01")
+        (alert,) = await station.alerts()
+        assert alert.kind == "duplicate_barcode"
+        assert {item.id for item in alert.items} == {first.id, second.id}
+    await a.edit_item(second.id, {"barcode": "CASE02"})
+    assert await a.alerts() == []
+
+
+async def test_edit_after_concurrent_delete_does_not_resurrect(open_store: OpenStore) -> None:
+    a, b = await open_store("A"), await open_store("B")
+    item = await a.add_item(SPEAKER)
+    await sync(a, b)
+    await a.delete_item(item.id)
+    await b.edit_item(item.id, {"notes": "checked"})
+    await sync(a, b)
+    for station in (a, b):
+        assert await station.find("SPK001") == []
+        (view,) = await station.list_items(include_deleted=True)
+        assert view.deleted and view.notes == "checked"
+
+
+async def test_history_merges_stations_in_hlc_order(open_store: OpenStore) -> None:
+    now = [1_800_000_000.0]
+    a = await open_store("A", wall_clock=lambda: now[0])
+    b = await open_store("B", wall_clock=lambda: now[0])
+    item = await a.add_item(SPEAKER)
+    await sync(a, b)
+    now[0] += 1
+    await b.checkout(item.id, 1, operator="sam")
+    now[0] += 1
+    await a.checkout(item.id, 2, operator="dana")
+    await sync(a, b)
+    for station in (a, b):
+        history = await station.history("SPK001")
+        assert [(m.station, m.op, m.qty) for m in history] == [
+            ("A", "add", 8),
+            ("B", "checkout", 1),
+            ("A", "checkout", 2),
+        ]
+
+
+async def test_remote_clock_far_ahead_does_not_drag_ours(open_store: OpenStore) -> None:
+    three_hours = 3 * 3600.0
+    a = await open_store("A", wall_clock=lambda: 1_800_000_000.0)
+    b = await open_store("B", wall_clock=lambda: 1_800_000_000.0 + three_hours)
+    item = await a.add_item(SPEAKER)
+    await sync(a, b)
+    before = a.hlc
+    await b.edit_item(item.id, {"name": "Future name"})
+    await sync(a, b)
+    assert a.hlc == before
+    (warning,) = a.clock_warnings()
+    assert warning.station == "B"
+    assert 3 * 3600_000 - 60_000 < warning.ahead_ms <= 3 * 3600_000
+    assert (await a.item("SPK001")).name == "Future name"
+    # A later edit on A supersedes the future write, because A has seen it.
+    await a.edit_item(item.id, {"name": "Fixed name"})
+    await sync(a, b)
+    assert (await b.item("SPK001")).name == "Fixed name"
+
+
+async def test_hlc_is_monotonic_across_restart_and_clock_jump_back(
+    open_store: OpenStore,
+) -> None:
+    now = [1_800_000_000.0]
+    a = await open_store("A", wall_clock=lambda: now[0])
+    item = await a.add_item(SPEAKER)
+    first = a.hlc
+    await a.close()
+    now[0] -= 3600
+    again = await open_store("A", wall_clock=lambda: now[0])
+    assert again.hlc == first
+    await again.checkout(item.id, 1)
+    assert again.hlc > first
+
+
+# ---------------------------------------------------------------------- sync seam
+
+
+async def test_remote_update_is_applied_and_published(open_store: OpenStore) -> None:
+    a, b = await open_store("A"), await open_store("B")
+    seen: list[tuple[str, str]] = []
+    b.subscribe(lambda update: seen.append((update.doc, update.origin)))
+    await a.add_item(SPEAKER)
+    for name in a.doc_names():
+        await b.apply_remote(name, a.diff(name, b.state_vector(name)), origin="A")
+    assert (await b.item("SPK001")).stock == 8
+    assert {origin for _, origin in seen} == {"A"}
+    assert any(doc.startswith("items/") for doc, _ in seen)
+    # A duplicate changes nothing and is not published again.
+    seen.clear()
+    for name in a.doc_names():
+        assert not await b.apply_remote(name, a.diff(name), origin="A")
+    assert seen == []
+
+
+async def test_corrupt_remote_update_is_refused(store: Store) -> None:
+    await store.add_item(SPEAKER)
+    before = store.state_vector("items/00")
+    for bad in (b"", b"\x00\x01garbage", b"\xff" * 40):
+        with pytest.raises(CorruptUpdate):
+            await store.apply_remote("items/00", bad, origin="X")
+    assert store.state_vector("items/00") == before
+    with pytest.raises(UnknownDocument):
+        await store.apply_remote("passwords", b"\x00\x00", origin="X")
+    with pytest.raises(UnknownDocument):
+        await store.apply_remote("items/99", b"\x00\x00", origin="X")
+    assert (await store.item("SPK001")).stock == 8
+
+
+async def test_fleet_members(store: Store) -> None:
+    await store.set_station_name("Dock door scanner")
+    assert store.fleet_members()["A"]["name"] == "Dock door scanner"
+    with pytest.raises(InvalidInput):
+        await store.set_station_name("")
