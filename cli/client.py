@@ -102,6 +102,11 @@ class ControlClient:
                 ) from None
             except TimeoutError:
                 raise DaemonUnreachable(self.path, "no answer (timed out)") from None
+            except OSError as exc:
+                # Any other way the socket path cannot be connected to (not a directory on
+                # the way, a path longer than AF_UNIX allows): exit 3 with the path, not a
+                # traceback.
+                raise DaemonUnreachable(self.path, exc.strerror or str(exc)) from None
         try:
             data = json.loads(raw) if raw else {}
         except json.JSONDecodeError:

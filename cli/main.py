@@ -129,11 +129,13 @@ def status(ctx: Context) -> None:
         ]
         peers = data.get("peers", {})
         if peers.get("available"):
+            synced = "in sync" if peers.get("in_sync") else f"{peers.get('lacking', 0)} to send"
             lines.append(
-                f"Peers     {peers.get('connected', 0)} connected of {peers.get('known', 0)}"
+                f"Peers     {peers.get('connected', 0)} connected of {peers.get('known', 0)} "
+                f"known; {synced}"
             )
         else:
-            lines.append("Peers     peer sync is not available in this version")
+            lines.append("Peers     peer sync is not running")
         cloud = data.get("cloud", {})
         lines.append("Cloud     " + ("configured" if cloud.get("configured") else "not configured"))
         for warning in data.get("clock_warnings", []):
@@ -151,15 +153,47 @@ def status(ctx: Context) -> None:
 def peers(ctx: Context) -> None:
     """List the other stations of the fleet and their sync state."""
     data = ctx.call("GET", "peers")
-    ctx.emit(data, lambda: json.dumps(data, indent=2))
+    ctx.emit(data, lambda: output.peers_table(data["peers"]))
 
 
 @main.command()
+@click.option("--timeout", type=click.FloatRange(0, 600), default=30.0, show_default=True)
 @pass_ctx
-def sync(ctx: Context) -> None:
-    """Exchange changes with every peer now and wait until they are in step."""
-    data = ctx.call("POST", "sync", {})
-    ctx.emit(data, lambda: json.dumps(data, indent=2))
+def sync(ctx: Context, timeout: float) -> None:
+    """Exchange changes with every peer now and wait until each has all of ours."""
+    ctx.call("POST", "sync", {"wait": False})
+    deadline = time.monotonic() + timeout
+    show = sys.stderr.isatty() and not ctx.as_json
+    while True:
+        found = ctx.call("GET", "peers")["peers"]
+        connected = [p for p in found if p["state"] == "connected"]
+        to_go = sum(p["lacking"] or 0 for p in connected)
+        if show:
+            click.echo(
+                f"\rSyncing with {len(connected)} peers: {to_go} changes to go   ",
+                nl=False,
+                err=True,
+            )
+        if to_go == 0 or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    if show:
+        click.echo(err=True)
+    data = {"peers": found, "in_sync": to_go == 0}
+
+    def human() -> str:
+        if not connected:
+            return "No peers connected; nothing to sync with."
+        if to_go == 0:
+            return f"In sync with {len(connected)} peers."
+        behind = ", ".join(
+            f"{p['name'] or p['station_id']} ({p['lacking']})" for p in connected if p["lacking"]
+        )
+        return f"Timed out after {timeout:g}s; still behind: {behind}"
+
+    ctx.emit(data, human)
+    if to_go:
+        sys.exit(EXIT_FAILED)
 
 
 # ---------------------------------------------------------------------- items

@@ -114,5 +114,28 @@ def movement_sentence(action: str, qty: int, item: Mapping[str, Any]) -> str:
     return f"Returned {qty} × {label(item)}: {item['stock']} in stock"
 
 
+def peers_table(peers: Sequence[Mapping[str, Any]]) -> str:
+    if not peers:
+        return "No peers known yet."
+    rows = []
+    for peer in peers:
+        since = dt.datetime.fromtimestamp(peer["since"], tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        lacking = "" if peer["lacking"] is None else peer["lacking"]
+        rows.append(
+            (
+                peer["station_id"],
+                peer["name"],
+                peer["address"],
+                peer["state"],
+                since,
+                lacking,
+                peer.get("last_error") or "",
+            )
+        )
+    return table(
+        ("STATION", "NAME", "ADDRESS", "STATE", "SINCE (UTC)", "LACKING", "LAST ERROR"), rows
+    )
+
+
 def warn(message: str) -> None:
     click.echo(click.style(message, fg="yellow"), err=True)

@@ -16,6 +16,10 @@ from crdt_store.store import check_new_item
 
 COLUMNS = ("barcode", "name", "qty", "kind", "location", "category", "notes")
 REQUIRED = ("barcode", "name")
+#: Columns ``invsync export`` writes after the import columns. They describe the item's
+#: state on the exporting station, not the catalog, so an import accepts and ignores them:
+#: an exported file must import into an empty station as the same catalog.
+EXPORT_ONLY = ("id", "stock", "status", "sheet")
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +34,7 @@ class RowProblem:
 def header_columns(header: Sequence[str]) -> list[str]:
     """Normalise the header row; unknown or missing columns are refused up front."""
     names = [column.strip().lower() for column in header]
-    unknown = [name for name in names if name not in COLUMNS]
+    unknown = [name for name in names if name not in COLUMNS and name not in EXPORT_ONLY]
     if unknown:
         raise InvalidInput("header", unknown[0], f"columns are {', '.join(COLUMNS)}")
     missing = [name for name in REQUIRED if name not in names]

@@ -7,6 +7,7 @@ Every error names the setting and the bad value (``ConfigError``), so an operato
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import tomllib
@@ -67,6 +68,7 @@ class Config:
     log_level: str = "INFO"
     shard_count: int = 64
     max_clock_skew: float = 300.0
+    anti_entropy_interval: float = 30.0
     cloud: CloudConfig = field(default_factory=CloudConfig)
     config_file: Path | None = None
 
@@ -116,6 +118,9 @@ def parse_duration(setting: str, value: object) -> float:
             raise ConfigError(setting, value, "expected a duration like 30s, 5m or 2h") from None
     else:
         raise ConfigError(setting, value, "expected a duration like 30s, 5m or 2h")
+    if not math.isfinite(seconds):
+        # float() takes "nan" and "inf" (and TOML has them too); neither is a duration.
+        raise ConfigError(setting, value, "expected a duration like 30s, 5m or 2h")
     if seconds < 0:
         raise ConfigError(setting, value, "must not be negative")
     return seconds
@@ -150,6 +155,7 @@ _KNOWN_KEYS = {
     "log_level",
     "shard_count",
     "max_clock_skew",
+    "anti_entropy_interval",
     "cloud",
 }
 _CLOUD_KEYS = {"url", "anon_key", "station_email", "station_password_file", "push_interval"}
@@ -281,6 +287,11 @@ def _validate(settings: Mapping[str, Any], env: Mapping[str, str], source: Path 
     if not 1 <= shard_count <= 256:
         raise ConfigError("shard_count", shard_count, "must be 1-256")
     skew = parse_duration("max_clock_skew", settings.get("max_clock_skew", 300.0))
+    anti_entropy = parse_duration(
+        "anti_entropy_interval", settings.get("anti_entropy_interval", 30.0)
+    )
+    if anti_entropy < 0.1:
+        raise ConfigError("anti_entropy_interval", anti_entropy, "must be at least 0.1s")
     cloud = _validate_cloud(settings.get("cloud", {}))
     join = settings.get("join_token")
     if join is not None and (not isinstance(join, str) or not join.strip()):
@@ -297,6 +308,7 @@ def _validate(settings: Mapping[str, Any], env: Mapping[str, str], source: Path 
         log_level=log_level,
         shard_count=shard_count,
         max_clock_skew=skew,
+        anti_entropy_interval=anti_entropy,
         cloud=cloud,
         config_file=source,
     )

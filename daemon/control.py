@@ -36,6 +36,7 @@ from crdt_store import (
 
 from .catalog import RowProblem, parse_rows
 from .config import Config
+from .peers import PeerManager
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -132,12 +133,12 @@ class ControlApi:
         store: Store,
         config: Config,
         *,
-        status_extras: Callable[[], Mapping[str, Any]] | None = None,
+        peers: PeerManager | None = None,
     ) -> None:
         self.store = store
         self.config = config
+        self.peers = peers
         self.started = time.monotonic()
-        self._status_extras = status_extras
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
@@ -156,8 +157,8 @@ class ControlApi:
         r.add_get(f"{API}/conflicts", self.conflicts)
         r.add_post(f"{API}/conflicts/resolve", self.resolve)
         r.add_get(f"{API}/fleet", self.fleet)
-        r.add_get(f"{API}/peers", self.not_yet("peer sync"))
-        r.add_post(f"{API}/sync", self.not_yet("peer sync"))
+        r.add_get(f"{API}/peers", self.list_peers)
+        r.add_post(f"{API}/sync", self.sync)
         r.add_post(f"{API}/fleet/invite", self.not_yet("fleet security"))
         r.add_post(f"{API}/fleet/join", self.not_yet("fleet security"))
         r.add_post(f"{API}/fleet/revoke", self.not_yet("fleet security"))
@@ -184,12 +185,24 @@ class ControlApi:
             "clock_warnings": [
                 {"station": w.station, "ahead_ms": w.ahead_ms} for w in store.clock_warnings()
             ],
-            "peers": {"available": False, "connected": 0, "known": 0},
+            "peers": self._peer_summary(),
             "cloud": {"configured": self.config.cloud.url is not None},
         }
-        if self._status_extras is not None:
-            body.update(self._status_extras())
         return web.json_response(body)
+
+    def _peer_summary(self) -> dict[str, Any]:
+        if self.peers is None:
+            return {"available": False, "connected": 0, "known": 0}
+        peers = self.peers.status()
+        connected = [p for p in peers if p["state"] == "connected"]
+        return {
+            "available": True,
+            "listen_port": self.peers.port,
+            "known": len(peers),
+            "connected": len(connected),
+            "lacking": sum(p["lacking"] or 0 for p in connected),
+            "in_sync": all(p["lacking"] == 0 for p in connected),
+        }
 
     # -------------------------------------------------------------- items
 
@@ -286,6 +299,17 @@ class ControlApi:
         changes = data.get("changes")
         if not isinstance(changes, dict):
             raise InvalidInput("changes", changes, 'expected {"field": value, ...}')
+        # The same rule as add_item: a barcode already in use is refused, or the edit
+        # would leave two items that no scan can tell apart.
+        new_barcode = changes.get("barcode")
+        if (
+            isinstance(new_barcode, str)
+            and new_barcode.strip() != view.barcode
+            and await self.store.find(new_barcode.strip())
+        ):
+            raise ApiError(
+                409, "exists", f"an item with barcode {new_barcode.strip()!r} already exists"
+            )
         operator = _text(data, "operator", "") or ""
         view = await self.store.edit_item(view.id, changes, operator=operator)
         return web.json_response({"item": _item(view)})
@@ -304,6 +328,7 @@ class ControlApi:
             qty,
             sheet=_text(data, "sheet"),
             operator=_text(data, "operator", "") or "",
+            op_id=_text(data, "op_id"),
         )
         return web.json_response({"item": _item(view), "qty": qty})
 
@@ -315,6 +340,7 @@ class ControlApi:
             qty,
             sheet=_text(data, "sheet"),
             operator=_text(data, "operator", "") or "",
+            op_id=_text(data, "op_id"),
         )
         return web.json_response({"item": _item(view), "qty": qty})
 
@@ -324,7 +350,10 @@ class ControlApi:
         if "counted" not in data:
             raise InvalidInput("counted", None, "give the number of units on the shelf")
         view = await self.store.count(
-            view.id, _int(data, "counted", 0), operator=_text(data, "operator", "") or ""
+            view.id,
+            _int(data, "counted", 0),
+            operator=_text(data, "operator", "") or "",
+            op_id=_text(data, "op_id"),
         )
         return web.json_response({"item": _item(view), "change": view.stock - before})
 
@@ -371,6 +400,31 @@ class ControlApi:
                     if isinstance(entry, dict)
                 ],
             }
+        )
+
+    async def list_peers(self, request: web.Request) -> web.Response:
+        if self.peers is None:
+            raise ApiError(501, "not_available", "peer sync is not running on this station")
+        return web.json_response({"peers": self.peers.status()})
+
+    async def sync(self, request: web.Request) -> web.Response:
+        """Anti-entropy with every connected peer now; waits up to ``timeout`` seconds
+        (``wait`` false: start it and return, so a client can show progress)."""
+        if self.peers is None:
+            raise ApiError(501, "not_available", "peer sync is not running on this station")
+        data = await _body(request)
+        timeout = data.get("timeout", 30)
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not 0 <= timeout <= 600
+        ):
+            raise InvalidInput("timeout", timeout, "seconds, 0-600")
+        wait = float(timeout) if data.get("wait", True) else 0.0
+        peers = await self.peers.sync_now(wait)
+        connected = [p for p in peers if p["state"] == "connected"]
+        return web.json_response(
+            {"peers": peers, "in_sync": all(p["lacking"] == 0 for p in connected)}
         )
 
     async def cloud_status(self, request: web.Request) -> web.Response:

@@ -24,9 +24,12 @@ from crdt_store import Store, StoreError
 
 from .config import Config, ConfigError, load_config
 from .control import ControlApi, ControlServer, ControlSocketError
+from .discovery import Discovery
+from .fleet import FleetFileError, load_or_create_fleet_id
 from .identity import StationIdentity, load_or_create
 from .lock import DataDirBusy, DataDirLock
 from .notify import Notifier
+from .peers import PeerManager
 
 _LOGGER = logging.getLogger("invsyncd")
 
@@ -52,6 +55,7 @@ def prepare_data_dir(data_dir: Path) -> None:
 async def run_station(
     config: Config,
     identity: StationIdentity,
+    fleet_id: str,
     stop: asyncio.Event,
     notifier: Notifier,
 ) -> None:
@@ -64,24 +68,54 @@ async def run_station(
     ) as store:
         if store.fleet_members().get(identity.station_id, {}).get("name") != config.name:
             await store.set_station_name(config.name)
-        api = ControlApi(store, config)
-        async with ControlServer(api, config.socket_path), asyncio.TaskGroup() as tasks:
-            items = store.stats()["items"]
-            _LOGGER.info(
-                "station %s (%s) ready: %d items, control socket %s",
-                identity.station_id,
-                config.name,
-                items,
-                config.socket_path,
+        async with PeerManager(
+            store,
+            station_id=identity.station_id,
+            name=config.name,
+            fleet_id=fleet_id,
+            listen=config.listen,
+            static_peers=config.peers,
+            anti_entropy_interval=config.anti_entropy_interval,
+        ) as peers:
+            discovery = Discovery(
+                station_id=identity.station_id,
+                fleet_id=fleet_id,
+                port=peers.port,
+                interfaces=config.mdns_interfaces,
+                advertise_host=config.listen.host,
+                found=lambda address, station: peers.learn(address, station, source="mdns"),
             )
-            notifier.ready(f"ready: {items} items")
-            if notifier.watchdog_interval:
-                tasks.create_task(
-                    _watchdog(notifier, notifier.watchdog_interval, stop), name="watchdog"
-                )
-            await stop.wait()
-            notifier.stopping()
-            _LOGGER.info("stopping: closing the control socket, then the store")
+            async with discovery if config.mdns else contextlib.nullcontext():
+                await _serve_control(config, identity, store, peers, stop, notifier)
+
+
+async def _serve_control(
+    config: Config,
+    identity: StationIdentity,
+    store: Store,
+    peers: PeerManager,
+    stop: asyncio.Event,
+    notifier: Notifier,
+) -> None:
+    """Serve the control socket until ``stop``; the socket closes before anything else."""
+    api = ControlApi(store, config, peers=peers)
+    async with ControlServer(api, config.socket_path), asyncio.TaskGroup() as tasks:
+        items = store.stats()["items"]
+        _LOGGER.info(
+            "station %s (%s) ready: %d items, control socket %s",
+            identity.station_id,
+            config.name,
+            items,
+            config.socket_path,
+        )
+        notifier.ready(f"ready: {items} items")
+        if notifier.watchdog_interval:
+            tasks.create_task(
+                _watchdog(notifier, notifier.watchdog_interval, stop), name="watchdog"
+            )
+        await stop.wait()
+        notifier.stopping()
+        _LOGGER.info("stopping: closing the control socket, then the store")
 
 
 async def _watchdog(notifier: Notifier, interval: float, stop: asyncio.Event) -> None:
@@ -92,14 +126,14 @@ async def _watchdog(notifier: Notifier, interval: float, stop: asyncio.Event) ->
             await asyncio.wait_for(stop.wait(), interval)
 
 
-async def _serve(config: Config, identity: StationIdentity) -> None:
+async def _serve(config: Config, identity: StationIdentity, fleet_id: str) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     notifier = Notifier()
     try:
-        await run_station(config, identity, stop, notifier)
+        await run_station(config, identity, fleet_id, stop, notifier)
     finally:
         notifier.close()
 
@@ -116,7 +150,8 @@ def start(config: Config) -> None:
     lock.acquire()
     try:
         identity = load_or_create(config.data_dir)
-        asyncio.run(_serve(config, identity))
+        fleet_id = load_or_create_fleet_id(config.data_dir)
+        asyncio.run(_serve(config, identity, fleet_id))
     finally:
         lock.release()
 
@@ -163,6 +198,13 @@ def main(
     }
     try:
         start(load_config(flags, os.environ))
-    except (ConfigError, StartupError, DataDirBusy, ControlSocketError, StoreError) as exc:
+    except (
+        ConfigError,
+        StartupError,
+        DataDirBusy,
+        ControlSocketError,
+        FleetFileError,
+        StoreError,
+    ) as exc:
         click.echo(f"invsyncd: {exc}", err=True)
         sys.exit(1)

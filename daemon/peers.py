@@ -1,0 +1,542 @@
+"""Peer sync: one session per pair of stations, exchanging CRDT updates.
+
+The :class:`PeerManager` knows addresses (static ``peers``, mDNS, and what connected peers
+tell it), dials them with exponential backoff and full jitter, accepts incoming links,
+and keeps exactly one session per station: when two stations dial each other at once,
+both keep the connection dialed by the lower station id.
+
+A :class:`Session` runs the protocol of ``protocol.py`` over one link: hello, state
+vectors, the diffs the other side lacks, then live updates after every local commit
+(and relays of remote ones that advanced our state). Anti-entropy repeats the exchange
+periodically. Everything a session receives is stored before it is acknowledged or
+relayed (``Store.apply_remote`` returns after the commit). A bad frame closes that one
+session; the daemon and its other peers carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from crdt_store import CommittedUpdate, Store, StoreClosed, StoreError
+from crdt_store.schema import SCHEMA_VERSION
+
+from .config import HostPort
+from .protocol import (
+    PROTOCOL_VERSION,
+    Ack,
+    Digest,
+    Frame,
+    FrameError,
+    Hello,
+    PeerAddress,
+    Peers,
+    State,
+    Update,
+    decode_frame,
+    decode_state_vector,
+    digest,
+    encode_frame,
+    missing_from,
+)
+from .transport import (
+    CLOSE_DUPLICATE,
+    CLOSE_PROTOCOL,
+    CLOSE_REFUSED,
+    CLOSE_SHUTDOWN,
+    Link,
+    LinkClosed,
+    PeerServer,
+    dial,
+)
+
+_LOGGER = logging.getLogger(__name__)
+
+HELLO_TIMEOUT = 10.0
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 30.0
+#: A slow peer may have this many bytes queued; beyond it live updates are dropped for
+#: that peer and anti-entropy catches it up later, so memory stays bounded.
+MAX_QUEUED_BYTES = 16 * 1024 * 1024
+_WARN_INTERVAL = 60.0
+
+
+class _RateLimitedLog:
+    """Peer-caused warnings: at most one per key per interval."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+
+    def warning(self, key: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -_WARN_INTERVAL) >= _WARN_INTERVAL:
+            self._last[key] = now
+            _LOGGER.warning(message, *args)
+        else:
+            _LOGGER.debug(message, *args)
+
+
+@dataclass
+class KnownAddress:
+    """An address we may dial, and when we may next try it."""
+
+    address: HostPort
+    station_id: str | None = None
+    source: str = "static"
+    failures: int = 0
+    next_attempt: float = 0.0
+    dialing: bool = False
+    is_self: bool = False
+
+
+@dataclass
+class PeerRecord:
+    """What this station knows about another station (shown by ``invsync peers``)."""
+
+    station_id: str
+    name: str = ""
+    address: str = ""
+    connected: bool = False
+    since: float = field(default_factory=time.time)
+    last_error: str | None = None
+    session: Session | None = None
+    vectors: dict[str, dict[int, int]] = field(default_factory=dict)
+
+
+class Session:
+    """One live, handshaken link to one peer station."""
+
+    def __init__(self, manager: PeerManager, link: Link, hello: Hello) -> None:
+        self.manager = manager
+        self.link = link
+        self.hello = hello
+        self.peer_id = hello.station_id
+        self.dialed_by = manager.station_id if link.dialed else hello.station_id
+        self._queue: deque[bytes] = deque()
+        self._queued_bytes = 0
+        self._wakeup = asyncio.Event()
+        self._dropped = False
+        self._closing: str | None = None
+        self._store = manager.store
+
+    # ------------------------------------------------------------ outgoing
+
+    def send(self, frame: Frame, *, droppable: bool = False) -> None:
+        """Queue a frame; live updates are dropped (and resynced later) if the peer lags."""
+        data = encode_frame(frame)
+        if droppable and self._queued_bytes + len(data) > MAX_QUEUED_BYTES:
+            self._dropped = True
+            return
+        self._queue.append(data)
+        self._queued_bytes += len(data)
+        self._wakeup.set()
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._queue:
+                data = self._queue.popleft()
+                self._queued_bytes -= len(data)
+                await self.link.send(data)
+            if self._dropped:
+                # We skipped live updates: ask the peer for its state to fill the gap.
+                self._dropped = False
+                self.send(State(self.manager.vectors(), reply=True))
+
+    # ------------------------------------------------------------ incoming
+
+    async def _reader(self) -> None:
+        while True:
+            data = await self.link.receive()
+            frame = decode_frame(data)
+            await self._handle(frame)
+
+    async def _handle(self, frame: Frame) -> None:
+        if isinstance(frame, Update):
+            try:
+                await self._store.apply_remote(frame.doc, frame.update, origin=self.peer_id)
+            except StoreClosed:
+                raise
+            except StoreError as exc:
+                raise FrameError(f"rejected update for {frame.doc}: {exc}") from exc
+            self.send(Ack(frame.doc, self._store.state_vector(frame.doc)))
+        elif isinstance(frame, Ack):
+            self._record_vector(frame.doc, frame.state_vector)
+        elif isinstance(frame, State):
+            for name, vector in frame.vectors:
+                self._record_vector(name, vector)
+            self._send_missing(dict(frame.vectors))
+            if frame.reply:
+                self.send(State(self.manager.vectors()))
+        elif isinstance(frame, Digest):
+            if frame.value != digest(self.manager.vectors()):
+                self.send(State(self.manager.vectors(), reply=True))
+        elif isinstance(frame, Peers):
+            self.manager.learn_many(frame.peers, source=f"via {self.peer_id}")
+        else:
+            raise FrameError(f"unexpected {type(frame).__name__} after hello")
+
+    def _record_vector(self, doc: str, vector: bytes) -> None:
+        record = self.manager.records.get(self.peer_id)
+        if record is not None:
+            record.vectors[doc] = decode_state_vector(vector)
+
+    def _send_missing(self, theirs: dict[str, bytes]) -> None:
+        """Send a diff for every document the peer lacks something of."""
+        for name in self._store.doc_names():
+            ours = decode_state_vector(self._store.state_vector(name))
+            their_vector = theirs.get(name)
+            their_clocks = decode_state_vector(their_vector) if their_vector else {}
+            if missing_from(ours, their_clocks):
+                self.send(Update(name, self._store.diff(name, their_vector)))
+
+    # ------------------------------------------------------------ lifecycle
+
+    def relay(self, update: CommittedUpdate) -> None:
+        if update.origin != self.peer_id:
+            self.send(Update(update.doc, update.update), droppable=True)
+
+    async def run(self) -> None:
+        """Exchange state, then serve until the link ends; returns the reason."""
+        self.send(Peers(tuple(self.manager.addresses_for(self.peer_id))))
+        self.send(State(self.manager.vectors()))
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._reader(), name=f"peer {self.peer_id}: reader")
+                tasks.create_task(self._writer(), name=f"peer {self.peer_id}: writer")
+                tasks.create_task(self._anti_entropy(), name=f"peer {self.peer_id}: anti-entropy")
+        except* FrameError as group:
+            reason = str(group.exceptions[0])
+            self.manager.log.warning(
+                f"bad {self.peer_id}", "closing link to %s: %s", self.peer_id, reason
+            )
+            await self.link.close(CLOSE_PROTOCOL, reason)
+            raise LinkClosed(reason) from None
+        except* LinkClosed as group:
+            raise LinkClosed(str(group.exceptions[0])) from None
+        except* StoreClosed as group:
+            await self.link.close(CLOSE_SHUTDOWN, "store closed")
+            raise LinkClosed(f"store closed: {group.exceptions[0]}") from None
+
+    async def _anti_entropy(self) -> None:
+        while True:
+            await asyncio.sleep(self.manager.anti_entropy_interval * random.uniform(0.8, 1.2))
+            self.send(Digest(digest(self.manager.vectors())))
+
+    def lacking(self) -> int:
+        record = self.manager.records.get(self.peer_id)
+        theirs = record.vectors if record else {}
+        total = 0
+        for name in self._store.doc_names():
+            ours = decode_state_vector(self._store.state_vector(name))
+            total += missing_from(ours, theirs.get(name, {}))
+        return total
+
+
+class PeerManager:
+    """Owns the peer server, the dialer and every session. ``close()`` is idempotent."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        station_id: str,
+        name: str,
+        fleet_id: str,
+        listen: HostPort,
+        static_peers: Iterable[HostPort] = (),
+        anti_entropy_interval: float = 30.0,
+    ) -> None:
+        self.store = store
+        self.station_id = station_id
+        self.name = name
+        self.fleet_id = fleet_id
+        self.listen = listen
+        self.anti_entropy_interval = anti_entropy_interval
+        self.records: dict[str, PeerRecord] = {}
+        self.log = _RateLimitedLog()
+        self._addresses: dict[HostPort, KnownAddress] = {}
+        for address in static_peers:
+            self._addresses[address] = KnownAddress(address, source="static")
+        self._server = PeerServer(listen, self._accept)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._dialer: asyncio.Task[None] | None = None
+        self._unsubscribe: Any = None
+        self._changed = asyncio.Event()
+        self._closed = False
+
+    @property
+    def port(self) -> int:
+        return self._server.port
+
+    async def __aenter__(self) -> PeerManager:
+        await self._server.__aenter__()
+        self._unsubscribe = self.store.subscribe(self._on_commit)
+        self._dialer = asyncio.create_task(self._dial_loop(), name="peers: dialer")
+        _LOGGER.info("peer sync listening on %s:%d", self.listen.host, self.port)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        tasks = [t for t in (self._dialer, *self._tasks) if t is not None]
+        for record in self.records.values():
+            if record.session is not None:
+                await record.session.link.close(CLOSE_SHUTDOWN, "station shutting down")
+        for task in tasks:
+            task.cancel("peer manager closing")
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._server.close()
+
+    # ------------------------------------------------------------ knowledge
+
+    def vectors(self) -> tuple[tuple[str, bytes], ...]:
+        return tuple((name, self.store.state_vector(name)) for name in self.store.doc_names())
+
+    def learn(self, address: HostPort, station_id: str | None, *, source: str) -> None:
+        """Remember an address to dial (mDNS, peer exchange)."""
+        if station_id == self.station_id:
+            return
+        known = self._addresses.get(address)
+        if known is None:
+            self._addresses[address] = KnownAddress(address, station_id, source)
+            self._changed.set()
+        elif station_id and known.station_id != station_id:
+            known.station_id = station_id
+            known.failures = 0
+            known.next_attempt = 0.0
+            self._changed.set()
+
+    def learn_many(self, peers: Iterable[PeerAddress], *, source: str) -> None:
+        for peer in peers:
+            self.learn(HostPort(peer.host, peer.port), peer.station_id, source=source)
+
+    def addresses_for(self, other: str) -> list[PeerAddress]:
+        """Addresses worth telling ``other`` about (peer exchange)."""
+        found = []
+        for known in self._addresses.values():
+            if known.station_id and known.station_id != other and not known.is_self:
+                found.append(PeerAddress(known.station_id, known.address.host, known.address.port))
+        return found
+
+    # ------------------------------------------------------------ dialing
+
+    def _connected(self, station_id: str | None) -> bool:
+        record = self.records.get(station_id) if station_id else None
+        return bool(record and record.session)
+
+    async def _dial_loop(self) -> None:
+        while True:
+            now = time.monotonic()
+            for known in list(self._addresses.values()):
+                if known.is_self or known.dialing or self._connected(known.station_id):
+                    continue
+                if known.next_attempt <= now:
+                    known.dialing = True
+                    self._spawn(self._dial(known), f"peers: dial {known.address}")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), 0.25)
+
+    async def _dial(self, known: KnownAddress) -> None:
+        try:
+            try:
+                link = await dial(known.address)
+            except Exception as exc:  # any failure to connect only backs off
+                self._backoff(known, f"cannot connect: {exc}")
+                return
+            hello = await self._handshake(link, known)
+            if hello is None:
+                self._backoff(known, "handshake failed")
+                return
+            known.failures = 0
+            known.station_id = hello.station_id
+            await self._serve(link, hello)
+            known.next_attempt = time.monotonic() + _jitter(BACKOFF_FIRST)
+        finally:
+            known.dialing = False
+            self._changed.set()
+
+    def _backoff(self, known: KnownAddress, reason: str) -> None:
+        known.failures += 1
+        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** min(known.failures, 10))
+        known.next_attempt = time.monotonic() + _jitter(delay)
+        if known.station_id and known.station_id in self.records:
+            self.records[known.station_id].last_error = reason
+        _LOGGER.debug("peer %s: %s (retry in %.1fs)", known.address, reason, delay)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------ sessions
+
+    async def _accept(self, link: Link) -> None:
+        hello = await self._handshake(link, None)
+        if hello is not None:
+            await self._serve(link, hello)
+
+    def _hello(self) -> Hello:
+        return Hello(
+            version=PROTOCOL_VERSION,
+            station_id=self.station_id,
+            name=self.name,
+            fleet_id=self.fleet_id,
+            shard_count=self.store.shard_count,
+            schema_version=SCHEMA_VERSION,
+            port=self.port,
+        )
+
+    async def _handshake(self, link: Link, known: KnownAddress | None) -> Hello | None:
+        """Exchange hellos; refuse (with a reason both sides log) on any mismatch."""
+        try:
+            await link.send(encode_frame(self._hello()))
+            frame = decode_frame(await asyncio.wait_for(link.receive(), HELLO_TIMEOUT))
+        except (LinkClosed, FrameError, TimeoutError) as exc:
+            reason = getattr(exc, "reason", None) or "no hello in time"
+            self.log.warning(
+                f"hello {link.remote}", "peer %s: handshake failed: %s", link.remote, reason
+            )
+            self._note_refusal(known.station_id if known else None, reason)
+            await link.close(CLOSE_PROTOCOL, reason)
+            return None
+        if not isinstance(frame, Hello):
+            await link.close(CLOSE_PROTOCOL, "expected hello")
+            return None
+        reason = self._mismatch(frame)
+        if frame.station_id == self.station_id and known is not None:
+            known.is_self = True
+        if reason is not None:
+            self.log.warning(
+                f"refuse {frame.station_id}",
+                "refusing station %s at %s: %s",
+                frame.station_id,
+                link.remote,
+                reason,
+            )
+            self._note_refusal(frame.station_id, reason, name=frame.name)
+            await link.close(CLOSE_REFUSED, reason)
+            return None
+        if link.dialed is False and frame.port:
+            host = link.remote.rsplit(":", 1)[0]
+            self.learn(HostPort(host, frame.port), frame.station_id, source="incoming")
+        return frame
+
+    def _mismatch(self, hello: Hello) -> str | None:
+        if hello.station_id == self.station_id:
+            return "connected to itself"
+        if hello.version != PROTOCOL_VERSION:
+            return f"protocol version {hello.version}, we speak {PROTOCOL_VERSION}"
+        if hello.fleet_id != self.fleet_id:
+            return f"station of another fleet ({hello.fleet_id})"
+        if hello.shard_count != self.store.shard_count:
+            return f"shard count {hello.shard_count}, ours is {self.store.shard_count}"
+        if hello.schema_version != SCHEMA_VERSION:
+            return f"schema version {hello.schema_version}, ours is {SCHEMA_VERSION}"
+        return None
+
+    def _note_refusal(self, station_id: str | None, reason: str, *, name: str = "") -> None:
+        if station_id is None or station_id == self.station_id:
+            return
+        record = self.records.setdefault(station_id, PeerRecord(station_id, name=name))
+        record.last_error = reason
+        if name:
+            record.name = name
+
+    async def _serve(self, link: Link, hello: Hello) -> None:
+        record = self.records.setdefault(hello.station_id, PeerRecord(hello.station_id))
+        session = Session(self, link, hello)
+        existing = record.session
+        if existing is not None:
+            keep_new = session.dialed_by == min(self.station_id, hello.station_id) and (
+                existing.dialed_by != session.dialed_by or existing.link.closed
+            )
+            if not keep_new:
+                await link.close(CLOSE_DUPLICATE, "duplicate connection")
+                return
+            await existing.link.close(CLOSE_DUPLICATE, "duplicate connection")
+        record.session = session
+        record.name = hello.name
+        host = link.remote.rsplit(":", 1)[0]
+        record.address = link.remote if link.dialed else f"{host}:{hello.port}"
+        record.connected = True
+        record.since = time.time()
+        record.last_error = None
+        _LOGGER.info(
+            "connected to station %s (%s) at %s", hello.station_id, hello.name, link.remote
+        )
+        reason = "closed"
+        try:
+            await session.run()
+        except LinkClosed as exc:
+            reason = exc.reason
+        except StoreClosed as exc:
+            reason = str(exc)
+        finally:
+            if record.session is session:
+                record.session = None
+                record.connected = False
+                record.since = time.time()
+                record.last_error = None if reason.startswith("closed by peer (1001") else reason
+                _LOGGER.info("station %s offline: %s", hello.station_id, reason)
+            await link.close(CLOSE_SHUTDOWN, "")
+
+    def _on_commit(self, update: CommittedUpdate) -> None:
+        for record in self.records.values():
+            if record.session is not None:
+                try:
+                    record.session.relay(update)
+                except FrameError as exc:
+                    _LOGGER.error("cannot send update of %s: %s", update.doc, exc)
+
+    # ------------------------------------------------------------ status and sync
+
+    def status(self) -> list[dict[str, Any]]:
+        peers = []
+        for record in sorted(self.records.values(), key=lambda r: r.station_id):
+            lacking = record.session.lacking() if record.session else None
+            peers.append(
+                {
+                    "station_id": record.station_id,
+                    "name": record.name,
+                    "address": record.address,
+                    "state": "connected" if record.connected else "offline",
+                    "since": record.since,
+                    "lacking": lacking,
+                    "last_error": record.last_error,
+                }
+            )
+        return peers
+
+    async def sync_now(self, wait_seconds: float) -> list[dict[str, Any]]:
+        """Run anti-entropy with every connected peer and wait until each has our state."""
+        sessions = [r.session for r in self.records.values() if r.session is not None]
+        for session in sessions:
+            session.send(State(self.vectors(), reply=True))
+        deadline = time.monotonic() + wait_seconds
+        while time.monotonic() < deadline:
+            live = [s for s in sessions if self._connected(s.peer_id)]
+            if all(s.lacking() == 0 for s in live):
+                break
+            await asyncio.sleep(0.05)
+        return self.status()
+
+
+def _jitter(delay: float) -> float:
+    """Full jitter: spreads reconnects of many stations after an outage."""
+    return random.uniform(0, delay)
