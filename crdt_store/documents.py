@@ -25,7 +25,7 @@ from typing import Any
 
 from pycrdt import Array, Doc, Map
 
-from .model import STOCK_FIELD, Movement, slot_key, split_slot_key
+from .model import STOCK_FIELD, Movement, movement_to_raw, slot_key, split_slot_key
 
 CHANGES_ROOT = "~changes"
 MEMBERS_ROOT = "members"
@@ -107,7 +107,7 @@ def stations_of(raw: Mapping[str, Any]) -> set[str]:
 
 def append_movement(doc: Doc[Any], movement: Movement) -> None:
     moves = doc.get(MOVES_PREFIX + movement.station, type=Array)
-    moves.append(movement.to_json())
+    moves.append(movement_to_raw(movement))
 
 
 def ledger_stations(doc: Doc[Any]) -> list[str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -407,19 +408,64 @@ class Movement:
 
 
 MOVEMENT_OPS = ("add", "edit", "delete", "checkout", "return", "count", "resolve")
+#: One letter per operation in the stored ledger entry (saves 7 bytes per checkout).
+_OP_CODES = {
+    "add": "a",
+    "edit": "e",
+    "delete": "d",
+    "checkout": "o",
+    "return": "r",
+    "count": "c",
+    "resolve": "x",
+}
+_OP_NAMES = {code: name for name, code in _OP_CODES.items()}
 
 
-def movement_from_raw(raw: object) -> Movement | None:
-    """Decode a ledger entry as stored in a document; ``None`` if it is malformed."""
-    if not isinstance(raw, dict):
+def movement_to_raw(movement: Movement) -> list[object]:
+    """The compact form a ledger entry takes in a document.
+
+    ``[id, hlc, operator, item, barcode, op, qty, sheet]`` with both UUIDs as 16 raw
+    bytes, the operation as one letter and the station implied by the array it is in:
+    about 95 bytes of update per entry instead of 211 for a keyed map of strings, and a
+    ledger entry rides along with every checkout that crosses the Wi-Fi.
+    """
+    return [
+        uuid.UUID(movement.id).bytes,
+        movement.hlc,
+        movement.operator,
+        uuid.UUID(movement.item).bytes,
+        movement.barcode,
+        _OP_CODES.get(movement.op, movement.op),
+        movement.qty,
+        movement.sheet,
+    ]
+
+
+def _uuid_of(value: object) -> str | None:
+    if isinstance(value, bytes | bytearray):
+        raw = bytes(value)
+    elif isinstance(value, list) and all(isinstance(b, int | float) for b in value):
+        try:
+            raw = bytes(int(b) for b in value)
+        except ValueError:
+            return None
+    else:
         return None
-    hlc = _as_int(raw.get("hlc"))
-    qty = _as_int(raw.get("qty"))
-    strings = [raw.get(key) for key in ("id", "station", "operator", "item", "barcode", "op")]
-    sheet = raw.get("sheet")
-    if hlc is None or qty is None or not all(isinstance(s, str) for s in strings):
+    return str(uuid.UUID(bytes=raw)) if len(raw) == 16 else None
+
+
+def movement_from_raw(station: str, raw: object) -> Movement | None:
+    """Decode a ledger entry of ``station`` as stored; ``None`` if it is malformed."""
+    if not isinstance(raw, list) or len(raw) != 8:
+        return None
+    ident, hlc_raw, operator, item_raw, barcode, op, qty_raw, sheet = raw
+    movement_id, item = _uuid_of(ident), _uuid_of(item_raw)
+    hlc, qty = _as_int(hlc_raw), _as_int(qty_raw)
+    if movement_id is None or item is None or hlc is None or qty is None:
+        return None
+    if not all(isinstance(text, str) for text in (operator, barcode, op)):
         return None
     if sheet is not None and not isinstance(sheet, str):
         return None
-    ident, station, operator, item, barcode, op = (str(s) for s in strings)
-    return Movement(ident, hlc, station, operator, item, barcode, op, qty, sheet)
+    name = _OP_NAMES.get(str(op), str(op))
+    return Movement(movement_id, hlc, station, str(operator), item, str(barcode), name, qty, sheet)

@@ -352,7 +352,8 @@ class Store:
             if name.startswith("ledger/"):
                 for station in documents.ledger_stations(doc):
                     entries = documents.ledger_tail(doc, station, 0)
-                    movements += [m for m in map(movement_from_raw, entries) if m]
+                    decoded = (movement_from_raw(station, raw) for raw in entries)
+                    movements += [m for m in decoded if m]
                     progress[(name, station)] = len(entries)
         await self._db.execute("BEGIN IMMEDIATE")
         try:
@@ -913,7 +914,7 @@ class Store:
             if not entries:
                 continue
             for raw in entries:
-                movement = movement_from_raw(raw)
+                movement = movement_from_raw(station, raw)
                 if movement is not None:
                     self._batch.movements.append(movement)
                     self._observe_remote_clock(movement.station, movement.hlc)

@@ -108,6 +108,16 @@ class PeerRecord:
     last_error: str | None = None
     session: Session | None = None
     vectors: dict[str, dict[int, int]] = field(default_factory=dict)
+    #: Bytes exchanged with this station by sessions that have ended.
+    past_sent: int = 0
+    past_received: int = 0
+
+    def traffic(self) -> tuple[int, int]:
+        """Total bytes sent to and received from this station, all sessions."""
+        link = self.session.link if self.session else None
+        sent = self.past_sent + (link.bytes_sent if link else 0)
+        received = self.past_received + (link.bytes_received if link else 0)
+        return sent, received
 
 
 class Session:
@@ -489,6 +499,8 @@ class PeerManager:
             reason = str(exc)
         finally:
             if record.session is session:
+                record.past_sent += link.bytes_sent
+                record.past_received += link.bytes_received
                 record.session = None
                 record.connected = False
                 record.since = time.time()
@@ -510,6 +522,7 @@ class PeerManager:
         peers = []
         for record in sorted(self.records.values(), key=lambda r: r.station_id):
             lacking = record.session.lacking() if record.session else None
+            sent, received = record.traffic()
             peers.append(
                 {
                     "station_id": record.station_id,
@@ -519,6 +532,8 @@ class PeerManager:
                     "since": record.since,
                     "lacking": lacking,
                     "last_error": record.last_error,
+                    "bytes_sent": sent,
+                    "bytes_received": received,
                 }
             )
         return peers
