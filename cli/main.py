@@ -39,6 +39,8 @@ class Context:
     as_json: bool
     operator: str
     _client: ControlClient | None = None
+    #: Whether the daemon answered at least once during this command.
+    reached: bool = False
 
     @property
     def client(self) -> ControlClient:
@@ -387,9 +389,13 @@ def _scan_once(
     warned = False
     while True:
         try:
-            return ctx.client.request(method, route, body)
+            answer = ctx.client.request(method, route, body)
+            ctx.reached = True
+            return answer
         except DaemonUnreachable as exc:
-            if time.monotonic() >= deadline:
+            # Only a daemon we have already talked to is worth waiting for (a restart);
+            # a wrong socket path fails at once.
+            if not ctx.reached or time.monotonic() >= deadline:
                 raise
             if not warned:
                 click.echo(f"invsync: {exc.reason}; retrying...", err=True)
@@ -437,6 +443,8 @@ def scan(ctx: Context, barcode: str | None, mode: str, qty: int, sheet: str | No
     The loop keeps going on unknown barcodes, and ends on EOF or Ctrl-C with a summary.
     """
     tally = _Tally()
+    ctx.call("GET", "status")  # fail fast (exit 3) on a wrong socket, before reading scans
+    ctx.reached = True
     codes: Iterator[str] = iter([barcode]) if barcode else _barcodes(sys.stdin)
     if barcode is None and sys.stdin.isatty() and not ctx.as_json:
         click.echo(f"Scanning ({mode}). Scan a barcode, Ctrl-D or Ctrl-C to finish.", err=True)
@@ -527,9 +535,7 @@ def conflicts_resolve(ctx: Context, barcode: str, field: str, value: str) -> Non
 def _progress(total: int, label: str, quiet: bool) -> Any:
     """A progress bar on a terminal; nothing when piped or with --json."""
     show = not quiet and sys.stderr.isatty()
-    return click.progressbar(
-        length=total, label=label, file=sys.stderr if show else open(os.devnull, "w")
-    )
+    return click.progressbar(length=total, label=label, file=sys.stderr, hidden=not show)
 
 
 @main.command("import")
@@ -557,12 +563,17 @@ def import_(ctx: Context, file: IO[str]) -> None:
     imported = 0
     skipped: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
+    import_id = str(uuid.uuid4())
     with _progress(len(records), "Importing", ctx.as_json) as bar:
         for start in range(0, len(records), IMPORT_CHUNK):
             chunk = records[start : start + IMPORT_CHUNK]
-            data = ctx.call(
-                "POST", "import", {"header": header, "rows": chunk, "operator": ctx.operator}
-            )
+            body = {
+                "header": header,
+                "rows": chunk,
+                "operator": ctx.operator,
+                "import_id": import_id,
+            }
+            data = ctx.call("POST", "import", body)
             imported += data["imported"]
             skipped += data["skipped"]
             errors += data["errors"]

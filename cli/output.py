@@ -80,7 +80,9 @@ def items_table(items: Sequence[Mapping[str, Any]]) -> str:
             item["stock"],
             item["status"] if item["kind"] == "serial" else "",
             item["location"],
-            "!" if item.get("conflicts") or item.get("alerts") else "",
+            "deleted"
+            if item.get("deleted")
+            else ("!" if item.get("conflicts") or item.get("alerts") else ""),
         )
         for item in items
     ]

@@ -120,6 +120,29 @@ class SchemaTooNew(StoreError):
         )
 
 
+class NotAStore(StoreError):
+    """The file is a SQLite database of something else; we will not write into it."""
+
+    code = "not_a_store"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(
+            f"{path} is a SQLite database but not an invsync store; refusing to touch it"
+        )
+
+
+class MigrationFailed(StoreError):
+    """A schema upgrade failed; the database stays at its previous version."""
+
+    code = "migration_failed"
+
+    def __init__(self, path: str, migration: str, reason: str) -> None:
+        self.path = path
+        self.migration = migration
+        super().__init__(f"upgrading {path} ({migration}) failed, nothing changed: {reason}")
+
+
 class StoreMismatch(StoreError):
     """The database belongs to another station or another shard layout."""
 

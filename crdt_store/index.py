@@ -189,6 +189,12 @@ async def movement_exists(db: aiosqlite.Connection, movement_id: str) -> bool:
         return await cursor.fetchone() is not None
 
 
+async def live_item_count(db: aiosqlite.Connection) -> int:
+    async with db.execute("SELECT count(*) FROM items WHERE NOT deleted") as cursor:
+        row = await cursor.fetchone()
+    return int(row[0]) if row else 0
+
+
 async def item_count(db: aiosqlite.Connection) -> int:
     async with db.execute("SELECT count(*) FROM items") as cursor:
         row = await cursor.fetchone()

@@ -12,12 +12,13 @@ layout of derived data is on disk; the store rebuilds when it differs.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import aiosqlite
 
-from .errors import SchemaTooNew
+from .errors import MigrationFailed, NotAStore, SchemaTooNew
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +111,8 @@ MIGRATIONS: Sequence[Migration] = (
             item_id TEXT PRIMARY KEY,
             hlc INTEGER NOT NULL
         ) WITHOUT ROWID;
+        -- Items that existed before the upgrade were never pushed: queue them all.
+        INSERT INTO cloud_dirty_items (item_id, hlc) SELECT id, hlc FROM items;
         ALTER TABLE movements ADD COLUMN cloud_pushed INTEGER NOT NULL DEFAULT 0;
         CREATE INDEX movements_cloud_pending ON movements (hlc) WHERE cloud_pushed = 0;
         """,
@@ -127,6 +130,18 @@ async def schema_version(db: aiosqlite.Connection) -> int:
     return int(row[0]) if row else 0
 
 
+async def check_openable(db: aiosqlite.Connection, path: str) -> None:
+    """Refuse a database from a newer invsync, or a SQLite file that is not ours."""
+    found = await schema_version(db)
+    if found > SCHEMA_VERSION:
+        raise SchemaTooNew(path, found, SCHEMA_VERSION)
+    if found == 0:
+        async with db.execute("SELECT count(*) FROM sqlite_master") as cursor:
+            row = await cursor.fetchone()
+        if row and row[0]:
+            raise NotAStore(path)
+
+
 async def migrate(db: aiosqlite.Connection, path: str, *, target: int = SCHEMA_VERSION) -> int:
     """Bring the database to ``target``; returns the version found before."""
     found = await schema_version(db)
@@ -140,6 +155,9 @@ async def migrate(db: aiosqlite.Connection, path: str, *, target: int = SCHEMA_V
                 await db.execute(statement)
             await db.execute(f"PRAGMA user_version = {number}")
             await db.commit()
+        except sqlite3.Error as exc:
+            await db.rollback()
+            raise MigrationFailed(path, migration.name, str(exc)) from exc
         except BaseException:
             await db.rollback()
             raise

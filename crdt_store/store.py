@@ -47,6 +47,7 @@ from .index import Alert
 from .model import (
     EDITABLE_FIELDS,
     MAX_STOCK,
+    REGISTER_FIELDS,
     ItemView,
     Kind,
     Movement,
@@ -72,7 +73,7 @@ from .names import (
     shard_of,
     sheet_doc,
 )
-from .schema import INDEX_VERSION, migrate
+from .schema import INDEX_VERSION, check_openable, migrate
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -168,6 +169,7 @@ class Store:
         self._ledger_indexed: dict[tuple[str, str], int] = {}
         self._origin = _LOADING
         self._changed_docs: set[str] = set()
+        self._integrated: list[bytes] = []
         self._subscribers: list[Callable[[CommittedUpdate], None]] = []
         self._skewed: dict[str, SkewedStation] = {}
         self._skew_logged: dict[str, int] = {}
@@ -229,6 +231,9 @@ class Store:
         os.close(os.open(db_path, os.O_RDWR | os.O_CREAT, 0o600))
         db = await aiosqlite.connect(db_path, isolation_level=None)
         try:
+            # Refuse a newer or foreign database before anything (even the journal mode)
+            # is written to it.
+            await check_openable(db, str(db_path))
             await db.execute("PRAGMA journal_mode = WAL")
             await db.execute("PRAGMA synchronous = FULL")
             await db.execute("PRAGMA busy_timeout = 5000")
@@ -377,6 +382,10 @@ class Store:
         self._changed_docs.add(name)
         if self._origin == LOCAL:
             self._batch.updates.append(CommittedUpdate(name, event.update, LOCAL))
+        elif self._origin != _LOADING:
+            # What was integrated, which includes updates pycrdt held back until the one
+            # they depend on arrived: storing the received bytes alone would lose those.
+            self._integrated.append(event.update)
 
     def _on_item_markers(self, name: str, event: MapEvent) -> None:
         shard = int(name.split("/")[1])
@@ -734,6 +743,10 @@ class Store:
         """Pick the value of a conflicted field; the write supersedes every live slot."""
         self._check_open()
         operator = _check_operator(operator)
+        if field_name not in REGISTER_FIELDS or field_name in ("kind", "deleted"):
+            raise InvalidInput(
+                "field", field_name, f"fields are {', '.join(EDITABLE_FIELDS)}, sheet"
+            )
         view = self._live_view(item_id)
         conflicted = {conflict.field for conflict in view.conflicts}
         if view.double_booked:
@@ -843,6 +856,11 @@ class Store:
     def hlc(self) -> int:
         return self._clock.last
 
+    async def count_items(self) -> int:
+        """Live (not deleted) items, from the query index."""
+        self._check_open()
+        return await index.live_item_count(self._reader)
+
     def stats(self) -> dict[str, int]:
         return {
             "items": len(self._known_items),
@@ -890,6 +908,7 @@ class Store:
             raise CorruptUpdate(doc_name, str(exc)) from exc
         doc = self._doc(doc_name)
         self._changed_docs.discard(doc_name)
+        self._integrated.clear()
         self._origin = origin
         try:
             with doc.transaction(origin=origin):
@@ -900,7 +919,9 @@ class Store:
             self._origin = LOCAL
         if doc_name not in self._changed_docs:
             return False
-        self._batch.updates.append(CommittedUpdate(doc_name, update, origin))
+        for integrated in self._integrated:
+            self._batch.updates.append(CommittedUpdate(doc_name, integrated, origin))
+        self._integrated.clear()
         if doc_name.startswith("ledger/"):
             self._index_ledger(doc_name, doc)
         await self._commit()

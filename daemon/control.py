@@ -139,6 +139,7 @@ class ControlApi:
         self.config = config
         self.peers = peers
         self.started = time.monotonic()
+        self._imports: dict[str, dict[str, int]] = {}
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
@@ -178,7 +179,7 @@ class ControlApi:
             "data_dir": str(self.config.data_dir),
             "socket": str(self.config.socket_path),
             "uptime_s": round(time.monotonic() - self.started, 1),
-            "items": store.stats()["items"],
+            "items": await store.count_items(),
             "conflicts": len(conflicts),
             "alerts": len(alerts),
             "hlc": store.hlc,
@@ -261,7 +262,14 @@ class ControlApi:
         good, problems = parse_rows(header, records)
         fresh: list[NewItem] = []
         skipped: list[dict[str, Any]] = []
-        seen: dict[str, int] = {}
+        # A file is sent in several requests: remember its barcodes across them, so a
+        # repeat 600 rows later is reported as a repeat, not as "already present".
+        import_id = _text(data, "import_id") or ""
+        seen = self._imports.pop(import_id, {}) if import_id else {}
+        if import_id:
+            self._imports[import_id] = seen
+            while len(self._imports) > 8:
+                del self._imports[next(iter(self._imports))]
         for line, new in good:
             if new.barcode in seen:
                 problems.append(

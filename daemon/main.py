@@ -100,7 +100,7 @@ async def _serve_control(
     """Serve the control socket until ``stop``; the socket closes before anything else."""
     api = ControlApi(store, config, peers=peers)
     async with ControlServer(api, config.socket_path), asyncio.TaskGroup() as tasks:
-        items = store.stats()["items"]
+        items = await store.count_items()
         _LOGGER.info(
             "station %s (%s) ready: %d items, control socket %s",
             identity.station_id,

@@ -278,10 +278,12 @@ def decode_frame(data: bytes) -> Frame:
 
 
 def _json(body: bytes) -> Any:
+    # ValueError covers bad UTF-8, bad JSON and integers too long to parse (over 4300
+    # digits); RecursionError is what deeply nested arrays raise. Both come from the peer.
     try:
         return json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FrameError(f"bad JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise FrameError(f"bad JSON: {str(exc)[:80]}") from None
 
 
 def _decode_hello(body: bytes) -> Hello:

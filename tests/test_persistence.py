@@ -1,0 +1,522 @@
+"""What a station's SQLite file keeps, and what it refuses, across restarts.
+
+Everything here runs on real SQLite files. A station's inventory must come back exactly
+as it was after a clean shutdown, after compaction folded the update log into snapshots,
+and after an upgrade from an older schema (built from the real older migrations); a
+database from a newer invsync, or one made for another station or shard layout, is
+refused without being touched. Updates from other stations are durably stored before
+``apply_remote`` returns and before subscribers (the sync layer) see them, and a corrupt
+update changes nothing. The query index is derived data: when rows are missing it is
+rebuilt on open. Where a test needs "the power went out right now", it copies the
+database and its WAL while the store is still open (a crash image) and opens the copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sqlite3
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import pytest
+
+from crdt_store import (
+    Alert,
+    CommittedUpdate,
+    CorruptUpdate,
+    ItemView,
+    MigrationFailed,
+    Movement,
+    NewItem,
+    NotAStore,
+    SchemaTooNew,
+    Store,
+    StoreMismatch,
+    UnknownDocument,
+)
+from crdt_store.schema import SCHEMA_VERSION, migrate
+
+SHARDS = 8
+BARCODES = ("SPK001", "CBL010", "MIX001", "DUP001", "LGT001", "CASE01")
+SHEETS = ("JOB-A", "JOB-B", "JOB-1")
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+async def sync(a: Store, b: Store) -> None:
+    """Bring two stores to the same state, both ways, for every document."""
+    for source, target in ((a, b), (b, a)):
+        for name in source.doc_names():
+            update = source.diff(name, target.state_vector(name))
+            await target.apply_remote(name, update, origin=source.station_id)
+
+
+async def populate(a: Store, b: Store) -> None:
+    """A day at two stations: plain operations, and concurrent ones that conflict.
+
+    Leaves ``a`` with a name conflict (SPK001), an oversold item (CBL010), a double-booked
+    unit (MIX001), one barcode on two items (DUP001), a deleted item (CASE01) and
+    movements on three pull sheets.
+    """
+    speaker = await a.add_item(NewItem("SPK001", "QSC K10.2 Speaker", qty=8, location="A3"))
+    cable = await a.add_item(NewItem("CBL010", "XLR cable 10 m", qty=3, category="Audio"))
+    mixer = await a.add_item(NewItem("MIX001", "Yamaha MG10XU Mixer", kind="serial"))
+    light = await a.add_item(NewItem("LGT001", "Par can", qty=20))
+    case = await a.add_item(NewItem("CASE01", "Road case", qty=2))
+    await a.checkout(speaker.id, 2, sheet="JOB-1", operator="dana")
+    await a.return_units(speaker.id, 1, operator="dana")
+    await a.count(light.id, 18, operator="lee")
+    await a.edit_item(light.id, {"location": "Cage 2", "notes": "two lamps out"})
+    await a.delete_item(case.id, operator="lee")
+    await sync(a, b)
+    # While the stations cannot see each other:
+    await a.edit_item(speaker.id, {"name": "QSC K10.2 (pair)"}, operator="dana")
+    await b.edit_item(speaker.id, {"name": "QSC K10.2 main"}, operator="sam")
+    await a.checkout(cable.id, 2, sheet="JOB-A")
+    await b.checkout(cable.id, 2, sheet="JOB-B")
+    await a.checkout(mixer.id, sheet="JOB-A")
+    await b.checkout(mixer.id, sheet="JOB-B")
+    await a.add_item(NewItem("DUP001", "Mic stand", qty=4))
+    await b.add_item(NewItem("DUP001", "Boom arm", qty=6))
+    await sync(a, b)
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """Everything a warehouse lead can look at on a station."""
+
+    items: list[ItemView]
+    conflicts: list[ItemView]
+    alerts: list[Alert]
+    histories: dict[str, list[Movement]]
+    sheets: dict[str, dict[str, int]]
+
+
+async def seen(store: Store) -> Seen:
+    return Seen(
+        items=await store.list_items(include_deleted=True),
+        conflicts=await store.conflicts(),
+        alerts=await store.alerts(),
+        histories={barcode: await store.history(barcode) for barcode in BARCODES},
+        sheets={sheet: store.sheet(sheet) for sheet in SHEETS},
+    )
+
+
+def check_populated(view: Seen) -> None:
+    """The populated state is really there (so comparing two of them means something)."""
+    # Concurrent names on the speaker; the double-booked mixer has two sheets.
+    assert {item.barcode for item in view.conflicts} == {"SPK001", "MIX001"}
+    assert sorted(alert.kind for alert in view.alerts) == [
+        "double_booked",
+        "duplicate_barcode",
+        "oversold",
+    ]
+    assert sum(item.deleted for item in view.items) == 1
+    assert len(view.items) == 7
+    assert [m.op for m in view.histories["CASE01"]] == ["add", "delete"]
+    assert view.sheets["JOB-1"] and view.sheets["JOB-A"] and view.sheets["JOB-B"]
+
+
+@pytest.fixture
+async def populated(tmp_path: Path) -> tuple[Path, Seen]:
+    """Station A's database after ``populate``, closed cleanly, and what it showed."""
+    path = tmp_path / "A.db"
+    async with (
+        Store.open(path, station_id="A", shard_count=SHARDS) as a,
+        Store.open(tmp_path / "B.db", station_id="B", shard_count=SHARDS) as b,
+    ):
+        await populate(a, b)
+        before = await seen(a)
+    check_populated(before)
+    return path, before
+
+
+def crash_image(path: Path, dest: Path) -> Path:
+    """Copy a database as a power cut right now would leave it (main file and WAL)."""
+    shutil.copyfile(path, dest)
+    wal = path.with_name(path.name + "-wal")
+    if wal.exists():
+        shutil.copyfile(wal, dest.with_name(dest.name + "-wal"))
+    return dest
+
+
+def table_rows(path: Path, sql: str, *params: object) -> list[tuple[Any, ...]]:
+    """Read the file through a separate read-only connection, as another process would."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return db.execute(sql, params).fetchall()
+    finally:
+        db.close()
+
+
+def user_version(path: Path) -> int:
+    return int(table_rows(path, "PRAGMA user_version")[0][0])
+
+
+def fingerprint(path: Path) -> tuple[str, int, list[str]]:
+    """Content, modification time and sibling files (-wal, -shm) of a database."""
+    siblings = sorted(p.name for p in path.parent.glob(path.name + "*"))
+    return hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns, siblings
+
+
+# ---------------------------------------------------------------------- reopen
+
+
+async def test_reopen_after_clean_shutdown_keeps_everything(
+    populated: tuple[Path, Seen],
+) -> None:
+    path, before = populated
+    async with Store.open(path, station_id="A", shard_count=SHARDS) as store:
+        assert await seen(store) == before
+        # The station carries on where it stopped.
+        speaker = next(item for item in before.items if item.barcode == "SPK001")
+        after = await store.checkout(speaker.id, 1, sheet="JOB-1")
+        assert after.stock == speaker.stock - 1
+
+
+async def test_compaction_folds_the_log_and_keeps_everything(
+    populated: tuple[Path, Seen],
+) -> None:
+    path, before = populated
+    log_before = table_rows(path, "SELECT count(*) FROM updates")[0][0]
+    async with Store.open(path, station_id="A", shard_count=SHARDS) as store:
+        await store.compact()
+        assert await seen(store) == before
+        assert store.stats()["log_updates"] == 0
+        every_doc = set(store.doc_names())
+        light = await store.item("LGT001")
+        await store.checkout(light.id, 3, sheet="JOB-1", operator="lee")
+    assert table_rows(path, "SELECT count(*) FROM updates")[0][0] < log_before
+    assert {row[0] for row in table_rows(path, "SELECT doc FROM snapshots")} == every_doc
+    async with Store.open(path, station_id="A", shard_count=SHARDS) as store:
+        after = await seen(store)
+        light = await store.item("LGT001")
+    assert light.stock == 15
+    assert after.histories["LGT001"][-1].op == "checkout"
+    assert after.histories["SPK001"] == before.histories["SPK001"]
+    assert after.conflicts == before.conflicts and after.alerts == before.alerts
+
+
+async def test_compaction_runs_by_itself_after_compact_after_updates(tmp_path: Path) -> None:
+    path = tmp_path / "A.db"
+    async with Store.open(path, station_id="A", shard_count=SHARDS, compact_after=10) as store:
+        item = await store.add_item(NewItem("CBL010", "XLR cable 10 m", qty=100))
+        for _ in range(40):
+            await store.checkout(item.id, 1, sheet="JOB-1")
+        assert store.stats()["log_updates"] < 40
+    # 41 commits each wrote the item's shard and the ledger day (and the sheet): without
+    # compaction every one of those documents would have 40+ updates in the log.
+    per_doc: dict[str, int] = dict(
+        table_rows(path, "SELECT doc, count(*) FROM updates GROUP BY doc")
+    )
+    # One document is folded per commit, so another may wait a commit or two past 10.
+    assert all(count < 20 for count in per_doc.values()), per_doc
+    folded = [row[0] for row in table_rows(path, "SELECT doc FROM snapshots")]
+    assert any(doc.startswith("items/") for doc in folded), folded
+    assert any(doc.startswith("ledger/") for doc in folded), folded
+    async with Store.open(path, station_id="A", shard_count=SHARDS) as store:
+        assert (await store.item("CBL010")).stock == 60
+        assert len(await store.history("CBL010")) == 41
+        assert store.sheet("JOB-1") == {item.id: 40}
+
+
+# ---------------------------------------------------------------------- migrations
+
+
+async def build_old_database(current: Path, old: Path, version: int) -> None:
+    """Make the database an older invsync would have written, from the same history.
+
+    The document log (``meta``, ``updates``, ``snapshots``) has kept its format since
+    version 1; migrations 2 and 3 only added derived tables. So an older station's file is
+    the real older migrations plus the rows of the tables that version had, copied from a
+    current store that went through the same operations.
+    """
+    # The tables each version added, with the columns it had. A new migration must add
+    # the tables of the version before it here, so that upgrade keeps being tested.
+    tables = {
+        1: {"updates": "doc, seq, data", "snapshots": "doc, state, state_vector, upto_seq"},
+        2: {
+            "items": "id, barcode, name, kind, stock, status, sheet, location, category, "
+            "deleted, hlc, view",
+            "conflicts": "item_id, field",
+            "alerts": "item_id, kind",
+            "movements": "id, hlc, station, operator, item_id, barcode, op, qty, sheet",
+            "ledger_progress": "doc, station, count",
+        },
+    }
+    assert set(range(1, version + 1)) <= tables.keys(), f"describe version {version} here"
+    async with aiosqlite.connect(old, isolation_level=None) as db:
+        await db.execute("PRAGMA journal_mode = WAL")
+        assert await migrate(db, str(old), target=version) == 0
+        await db.execute("ATTACH DATABASE ? AS current", (str(current),))
+        await db.execute("BEGIN IMMEDIATE")
+        # Version 1 had no query index, so no index_version either.
+        skip_meta = "" if version >= 2 else "WHERE key != 'index_version'"
+        await db.execute(f"INSERT OR REPLACE INTO main.meta SELECT * FROM current.meta {skip_meta}")
+        for number in range(1, version + 1):
+            for table, columns in tables[number].items():
+                await db.execute(
+                    f"INSERT INTO main.{table} ({columns}) SELECT {columns} FROM current.{table}"
+                )
+        await db.commit()
+        await db.execute("DETACH DATABASE current")
+    assert user_version(old) == version
+
+
+@pytest.mark.parametrize("version", [SCHEMA_VERSION - 1, 1])
+async def test_upgrade_from_an_older_schema_keeps_everything(
+    populated: tuple[Path, Seen], tmp_path: Path, version: int
+) -> None:
+    current, before = populated
+    old = tmp_path / f"v{version}.db"
+    await build_old_database(current, old, version)
+    if version == 1:
+        assert not table_rows(old, "SELECT name FROM sqlite_master WHERE name = 'items'")
+    async with Store.open(old, station_id="A", shard_count=SHARDS) as store:
+        assert await seen(store) == before
+        # Writing works on the upgraded file (every table the current code writes exists).
+        light = await store.item("LGT001")
+        await store.checkout(light.id, 1, sheet="JOB-1")
+    assert user_version(old) == SCHEMA_VERSION
+    async with Store.open(old, station_id="A", shard_count=SHARDS) as store:
+        assert (await store.item("LGT001")).stock == light.stock - 1
+        assert (await seen(store)).histories["SPK001"] == before.histories["SPK001"]
+
+
+async def test_failed_upgrade_leaves_the_previous_version(
+    populated: tuple[Path, Seen], tmp_path: Path
+) -> None:
+    current, _ = populated
+    old = tmp_path / "old.db"
+    await build_old_database(current, old, 2)
+    # Make the last statement of 003_cloud_outbox fail: its index name is already taken.
+    with sqlite3.connect(old) as db:
+        db.execute("CREATE INDEX movements_cloud_pending ON items (hlc)")
+    db.close()
+    with pytest.raises(MigrationFailed, match="movements_cloud_pending"):
+        await Store.connect(old, station_id="A", shard_count=SHARDS)
+    assert user_version(old) == 2
+    columns = [row[1] for row in table_rows(old, "PRAGMA table_info(movements)")]
+    assert "cloud_pushed" not in columns, "half of the migration was committed"
+    assert not table_rows(old, "SELECT name FROM sqlite_master WHERE name = 'cloud_dirty_items'")
+
+
+async def test_newer_schema_is_refused_and_left_untouched(populated: tuple[Path, Seen]) -> None:
+    path, _ = populated
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    before = fingerprint(path)
+    with pytest.raises(SchemaTooNew) as refused:
+        await Store.connect(path, station_id="A", shard_count=SHARDS)
+    message = str(refused.value)
+    assert str(path) in message
+    assert f"version {SCHEMA_VERSION + 1}" in message and f"up to {SCHEMA_VERSION}" in message
+    assert "upgrade invsync" in message
+    assert fingerprint(path) == before
+    assert user_version(path) == SCHEMA_VERSION + 1
+
+
+async def test_newer_schema_in_rollback_journal_mode_is_left_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "newer.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE future (x)")
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    before = fingerprint(path)
+    with pytest.raises(SchemaTooNew):
+        await Store.connect(path, station_id="A", shard_count=SHARDS)
+    assert fingerprint(path) == before
+
+
+@pytest.mark.parametrize(
+    ("station_id", "shard_count", "setting"),
+    [("B", SHARDS, "station_id"), ("A", SHARDS * 2, "shard_count")],
+)
+async def test_other_station_or_shard_layout_is_refused(
+    populated: tuple[Path, Seen], station_id: str, shard_count: int, setting: str
+) -> None:
+    path, before = populated
+    async with Store.open(path, station_id="A", shard_count=SHARDS) as store:
+        client_id = store.client_id
+    with pytest.raises(StoreMismatch) as refused:
+        await Store.connect(path, station_id=station_id, shard_count=shard_count)
+    assert refused.value.setting == setting
+    assert setting in str(refused.value) and str(path) in str(refused.value)
+    # The refused open wrote nothing: not even the "running" mark, so the client id from
+    # the clean shutdown is still reused.
+    async with Store.open(path, station_id="A", shard_count=SHARDS) as store:
+        assert store.client_id == client_id
+        assert await seen(store) == before
+
+
+# ---------------------------------------------------------------------- remote updates
+
+
+async def test_corrupt_update_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    async with (
+        Store.open(tmp_path / "A.db", station_id="A", shard_count=SHARDS) as a,
+        Store.open(tmp_path / "B.db", station_id="B", shard_count=SHARDS) as b,
+    ):
+        speaker = await a.add_item(NewItem("SPK001", "QSC K10.2 Speaker", qty=8))
+        await sync(a, b)
+        await a.checkout(speaker.id, 3, sheet="JOB-1")
+        doc = next(
+            name
+            for name in a.doc_names()
+            if name.startswith("items/") and b.state_vector(name) != a.state_vector(name)
+        )
+        update = a.diff(doc, b.state_vector(doc))
+        state_vector = b.state_vector(doc)
+        log_rows = table_rows(b.path, "SELECT count(*) FROM updates")
+        names = b.doc_names()
+        bad_updates = [update[:cut] for cut in (0, 1, 2, len(update) // 2, len(update) - 1)]
+        bad_updates += [b"\xff" * 16, b"\x01\x01not an update at all"]
+        for bad in bad_updates:
+            with pytest.raises(CorruptUpdate) as refused:
+                await b.apply_remote(doc, bad, origin="A")
+            assert refused.value.doc == doc
+            assert b.state_vector(doc) == state_vector
+        # A corrupt update for a document the station does not have yet creates nothing.
+        with pytest.raises(CorruptUpdate):
+            await b.apply_remote("ledger/2020-01-01", update[:-1], origin="A")
+        for name in ("items/99", "inventory", "ledger/2024-02-30", "../fleet"):
+            with pytest.raises(UnknownDocument):
+                await b.apply_remote(name, update, origin="A")
+        assert b.doc_names() == names
+        assert table_rows(b.path, "SELECT count(*) FROM updates") == log_rows
+        assert (await b.item("SPK001")).stock == 8
+    async with Store.open(tmp_path / "B.db", station_id="B", shard_count=SHARDS) as b:
+        assert (await b.item("SPK001")).stock == 8
+        # The intact update still applies: the refusals were about the bytes, not the doc.
+        assert await b.apply_remote(doc, update, origin="A")
+        assert (await b.item("SPK001")).stock == 5
+
+
+async def test_remote_update_is_stored_before_apply_remote_returns(tmp_path: Path) -> None:
+    async with (
+        Store.open(tmp_path / "A.db", station_id="A", shard_count=SHARDS) as a,
+        Store.open(tmp_path / "B.db", station_id="B", shard_count=SHARDS) as b,
+    ):
+        speaker = await a.add_item(NewItem("SPK001", "QSC K10.2 Speaker", qty=8))
+        await a.checkout(speaker.id, 3, sheet="JOB-1", operator="dana")
+        await a.edit_item(speaker.id, {"location": "Truck 2"})
+        await sync(a, b)
+        image = crash_image(b.path, tmp_path / "B-crash.db")
+    async with Store.open(image, station_id="B", shard_count=SHARDS) as crashed:
+        view = await crashed.item("SPK001")
+        assert (view.stock, view.location) == (5, "Truck 2")
+        assert [m.op for m in await crashed.history("SPK001")] == ["add", "checkout", "edit"]
+        assert crashed.sheet("JOB-1") == {speaker.id: 3}
+
+
+async def test_subscribers_see_only_committed_updates(tmp_path: Path) -> None:
+    """The sync layer sends what subscribers get: it must already be on disk."""
+    checked: list[tuple[str, str, bool]] = []
+
+    def on_disk(store: Store) -> None:
+        def callback(update: CommittedUpdate) -> None:
+            rows = table_rows(
+                store.path,
+                "SELECT count(*) FROM updates WHERE doc = ? AND data = ?",
+                update.doc,
+                update.update,
+            )
+            checked.append((store.station_id, update.origin, rows[0][0] == 1))
+
+        store.subscribe(callback)
+
+    async with (
+        Store.open(tmp_path / "A.db", station_id="A", shard_count=SHARDS) as a,
+        Store.open(tmp_path / "B.db", station_id="B", shard_count=SHARDS) as b,
+    ):
+        on_disk(a)
+        on_disk(b)
+        speaker = await a.add_item(NewItem("SPK001", "QSC K10.2 Speaker", qty=8))
+        await a.checkout(speaker.id, 2, sheet="JOB-1")
+        await sync(a, b)
+        await b.return_units(speaker.id, 1)
+    assert {(station, origin) for station, origin, _ in checked} == {
+        ("A", "local"),
+        ("B", "A"),
+        ("B", "local"),
+    }
+    assert all(stored for *_, stored in checked), checked
+
+
+async def test_update_received_before_its_dependency_survives_restart(tmp_path: Path) -> None:
+    sent: list[bytes] = []
+    async with (
+        Store.open(tmp_path / "A.db", station_id="A", shard_count=SHARDS) as a,
+        Store.open(tmp_path / "B.db", station_id="B", shard_count=SHARDS) as b,
+    ):
+        speaker = await a.add_item(NewItem("SPK001", "QSC K10.2 Speaker", qty=8))
+        doc = next(
+            name
+            for name in a.doc_names()
+            if name.startswith("items/") and a.state_vector(name) != b.state_vector(name)
+        )
+        a.subscribe(lambda update: sent.append(update.update) if update.doc == doc else None)
+        await b.apply_remote(doc, a.diff(doc, b.state_vector(doc)), origin="A")
+        await a.checkout(speaker.id, 1)
+        await a.checkout(speaker.id, 1)
+        # The network delivered the second checkout first.
+        await b.apply_remote(doc, sent[1], origin="A")
+        await b.apply_remote(doc, sent[0], origin="A")
+        assert (await b.item("SPK001")).stock == 6
+    async with (
+        Store.open(tmp_path / "B.db", station_id="B", shard_count=SHARDS) as b,
+        Store.open(tmp_path / "C.db", station_id="C", shard_count=SHARDS) as c,
+    ):
+        await sync(b, c)
+        assert (await c.item("SPK001")).stock == 6
+
+
+# ---------------------------------------------------------------------- the file itself
+
+
+@pytest.mark.parametrize("lost", ["some", "all"])
+async def test_missing_index_rows_are_rebuilt_on_open(
+    populated: tuple[Path, Seen], lost: str
+) -> None:
+    path, before = populated
+    where = "WHERE barcode IN ('SPK001', 'DUP001')" if lost == "some" else ""
+    with sqlite3.connect(path) as db:
+        db.execute(f"DELETE FROM items {where}")
+    db.close()
+    async with Store.open(path, station_id="A", shard_count=SHARDS) as store:
+        speaker = next(item for item in before.items if item.barcode == "SPK001")
+        assert await store.item("SPK001") == speaker
+        assert len(await store.find("DUP001")) == 2
+        assert await seen(store) == before
+
+
+async def test_database_files_are_private_to_the_station(tmp_path: Path) -> None:
+    path = tmp_path / "data" / "station.db"
+    old_umask = os.umask(0o022)
+    try:
+        async with Store.open(path, station_id="A", shard_count=SHARDS) as store:
+            await store.add_item(NewItem("SPK001", "QSC K10.2 Speaker", qty=8))
+            files = sorted(path.parent.glob("station.db*"))
+            assert [f.name for f in files] == ["station.db", "station.db-shm", "station.db-wal"]
+            for file in files:
+                assert stat.S_IMODE(file.stat().st_mode) == 0o600, file
+    finally:
+        os.umask(old_umask)
+
+
+async def test_a_foreign_sqlite_file_is_refused_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
+    db.close()
+    before = fingerprint(path)
+    with pytest.raises(NotAStore, match="not an invsync store"):
+        await Store.connect(path, station_id="A", shard_count=SHARDS)
+    assert fingerprint(path) == before
