@@ -17,13 +17,20 @@ from urllib.parse import quote, urlencode
 
 SOCKET_NAME = "invsyncd.sock"
 SYSTEM_SOCKET = Path("/run/invsync") / SOCKET_NAME
+SYSTEM_UNITS = (
+    Path("/etc/systemd/system/invsyncd.service"),
+    Path("/usr/lib/systemd/system/invsyncd.service"),
+    Path("/lib/systemd/system/invsyncd.service"),
+)
 
 
 def default_socket_path() -> Path:
     """Where the daemon listens unless told otherwise (mirrors the daemon's default)."""
     if os.environ.get("INVSYNC_SOCKET"):
         return Path(os.environ["INVSYNC_SOCKET"])
-    if SYSTEM_SOCKET.exists():
+    # /run/invsync disappears while the service is stopped; an installed unit still means
+    # the socket belongs there, so "not reachable" names the right path.
+    if SYSTEM_SOCKET.exists() or any(p.exists() for p in SYSTEM_UNITS):
         return SYSTEM_SOCKET
     if os.environ.get("INVSYNC_DATA_DIR"):
         return Path(os.environ["INVSYNC_DATA_DIR"]) / SOCKET_NAME

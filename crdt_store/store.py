@@ -280,9 +280,11 @@ class Store:
                 await self._writer
         try:
             if self._failure is None:
+                nonce = secrets.token_hex(8)
                 await self._db.execute("BEGIN IMMEDIATE")
-                await _set_meta(self._db, {"hlc": self._clock.last, "clean_shutdown": 1})
+                await _set_meta(self._db, {"hlc": self._clock.last, "clean_shutdown": nonce})
                 await self._db.commit()
+                await asyncio.to_thread(_write_marker, _marker_path(self.path), nonce)
         finally:
             self._closed = True
             await self._reader.close()
@@ -1103,7 +1105,13 @@ async def _claim_identity(
         stored = meta.get(setting)
         if stored is not None and stored != str(requested):
             raise StoreMismatch(path, setting, stored, requested)
-    clean = meta.get("clean_shutdown") == "1" and "client_id" in meta
+    # A clean shutdown leaves the same random nonce in the database and in a marker file
+    # beside it. A database restored from an older copy carries an older nonce (or "0"
+    # if copied while running), so it gets a fresh client id: the old one may have been
+    # used since the copy was taken.
+    marker = _marker_path(Path(path))
+    nonce = await asyncio.to_thread(_read_marker, marker)
+    clean = "client_id" in meta and nonce is not None and meta.get("clean_shutdown") == nonce
     client_id = int(meta["client_id"]) if clean else secrets.randbelow(2**53 - 2) + 1
     last_hlc = int(meta.get("hlc", "0"))
     await db.execute("BEGIN IMMEDIATE")
@@ -1117,4 +1125,30 @@ async def _claim_identity(
         },
     )
     await db.commit()
+    await asyncio.to_thread(_remove_marker, marker)
     return client_id, last_hlc
+
+
+def _marker_path(db_path: Path) -> Path:
+    return db_path.with_name(db_path.name + ".clean")
+
+
+def _read_marker(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def _write_marker(path: Path, nonce: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, nonce.encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_marker(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()

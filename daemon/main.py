@@ -16,7 +16,7 @@ import signal
 import stat
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import click
 
@@ -32,6 +32,34 @@ from .notify import Notifier
 from .peers import PeerManager
 
 _LOGGER = logging.getLogger("invsyncd")
+#: sysexits.h EX_CONFIG: the settings are wrong; restarting will not help.
+EXIT_CONFIG = 78
+
+
+class _JournalFormatter(logging.Formatter):
+    """Prefix each line with its syslog priority (``<4>``) so journald records levels."""
+
+    _PRIORITY: ClassVar[dict[int, int]] = {
+        logging.DEBUG: 7,
+        logging.INFO: 6,
+        logging.WARNING: 4,
+        logging.ERROR: 3,
+        logging.CRITICAL: 2,
+    }
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = self._PRIORITY.get(record.levelno, 6)
+        return f"<{priority}>{super().format(record)}"
+
+
+def configure_logging(level: str) -> None:
+    """Logs go to stderr; under systemd (JOURNAL_STREAM set) with journal priorities."""
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
 class StartupError(Exception):
@@ -140,11 +168,7 @@ async def _serve(config: Config, identity: StationIdentity, fleet_id: str) -> No
 
 def start(config: Config) -> None:
     """Everything ``invsyncd`` does after parsing its settings."""
-    logging.basicConfig(
-        level=config.log_level,
-        stream=sys.stderr,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(config.log_level)
     prepare_data_dir(config.data_dir)
     lock = DataDirLock(config.data_dir)
     lock.acquire()
@@ -197,9 +221,14 @@ def main(
         "log_level": log_level,
     }
     try:
-        start(load_config(flags, os.environ))
+        config = load_config(flags, os.environ)
+    except ConfigError as exc:
+        click.echo(f"invsyncd: {exc}", err=True)
+        # EX_CONFIG: the unit's RestartPreventExitStatus stops systemd retrying forever.
+        sys.exit(EXIT_CONFIG)
+    try:
+        start(config)
     except (
-        ConfigError,
         StartupError,
         DataDirBusy,
         ControlSocketError,

@@ -520,3 +520,22 @@ async def test_a_foreign_sqlite_file_is_refused_untouched(tmp_path: Path) -> Non
     with pytest.raises(NotAStore, match="not an invsync store"):
         await Store.connect(path, station_id="A", shard_count=SHARDS)
     assert fingerprint(path) == before
+
+
+async def test_a_restored_older_copy_gets_a_new_client_id(tmp_path: Path) -> None:
+    """Writes made after a backup used the client id; reusing it after restoring the
+    backup would make peers drop new changes as duplicates of the lost ones."""
+    path = tmp_path / "station.db"
+    async with Store.open(path, station_id="A", shard_count=SHARDS) as store:
+        await store.add_item(NewItem("SPK001", "QSC K10.2 Speaker", qty=8))
+    backup = tmp_path / "backup.db"
+    shutil.copyfile(path, backup)
+    async with Store.open(path, station_id="A", shard_count=SHARDS) as store:
+        used_after_backup = store.client_id
+        await store.checkout((await store.item("SPK001")).id, 2)
+    async with Store.open(path, station_id="A", shard_count=SHARDS) as store:
+        assert store.client_id == used_after_backup  # a clean restart keeps it
+    shutil.copyfile(backup, path)
+    async with Store.open(path, station_id="A", shard_count=SHARDS) as store:
+        assert store.client_id != used_after_backup
+        assert (await store.item("SPK001")).stock == 8
