@@ -28,12 +28,12 @@ def default_socket_path() -> Path:
     """Where the daemon listens unless told otherwise (mirrors the daemon's default)."""
     if os.environ.get("INVSYNC_SOCKET"):
         return Path(os.environ["INVSYNC_SOCKET"])
+    if os.environ.get("INVSYNC_DATA_DIR"):
+        return Path(os.environ["INVSYNC_DATA_DIR"]) / SOCKET_NAME
     # /run/invsync disappears while the service is stopped; an installed unit still means
     # the socket belongs there, so "not reachable" names the right path.
     if SYSTEM_SOCKET.exists() or any(p.exists() for p in SYSTEM_UNITS):
         return SYSTEM_SOCKET
-    if os.environ.get("INVSYNC_DATA_DIR"):
-        return Path(os.environ["INVSYNC_DATA_DIR"]) / SOCKET_NAME
     return Path.home() / ".local" / "share" / "invsync" / SOCKET_NAME
 
 

@@ -198,6 +198,8 @@ def _env_settings(env: Mapping[str, str]) -> dict[str, Any]:
     for variable, key in simple.items():
         if env.get(variable):
             settings[key] = env[variable]
+    if env.get("INVSYNC_MDNS_INTERFACES"):
+        settings["mdns_interfaces"] = env["INVSYNC_MDNS_INTERFACES"].replace(",", " ").split()
     if env.get("INVSYNC_PEERS"):
         settings["peers"] = [p for p in env["INVSYNC_PEERS"].replace(",", " ").split() if p]
     if env.get("INVSYNC_MDNS"):

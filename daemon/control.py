@@ -496,6 +496,8 @@ def _claim_socket_path(path: Path) -> None:
     """Remove a stale socket left by a crash; refuse if a live daemon answers on it."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ControlSocketError(path, f"{path.parent} is not a directory") from None
     except OSError as exc:
         raise ControlSocketError(path, exc.strerror or str(exc)) from exc
     if not path.exists() and not path.is_symlink():

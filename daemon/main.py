@@ -29,7 +29,7 @@ from .fleet import FleetFileError, load_or_create_fleet_id
 from .identity import StationIdentity, load_or_create
 from .lock import DataDirBusy, DataDirLock
 from .notify import Notifier
-from .peers import PeerManager
+from .peers import PeerListenError, PeerManager
 
 _LOGGER = logging.getLogger("invsyncd")
 #: sysexits.h EX_CONFIG: the settings are wrong; restarting will not help.
@@ -60,6 +60,8 @@ def configure_logging(level: str) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    # aiosqlite logs every statement at DEBUG, drowning what the station does.
+    logging.getLogger("aiosqlite").setLevel(max(logging.INFO, logging.getLevelName(level)))
 
 
 class StartupError(Exception):
@@ -228,12 +230,11 @@ def main(
         sys.exit(EXIT_CONFIG)
     try:
         start(config)
-    except (
-        StartupError,
-        DataDirBusy,
-        ControlSocketError,
-        FleetFileError,
-        StoreError,
-    ) as exc:
+    except (StartupError, PeerListenError) as exc:
+        # Wrong permissions or a taken port: an operator must act; restarting won't help.
+        click.echo(f"invsyncd: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    except (DataDirBusy, ControlSocketError, FleetFileError, StoreError) as exc:
         click.echo(f"invsyncd: {exc}", err=True)
         sys.exit(1)
+    _LOGGER.info("stopped")

@@ -68,6 +68,17 @@ MAX_QUEUED_BYTES = 16 * 1024 * 1024
 _WARN_INTERVAL = 60.0
 
 
+class PeerListenError(Exception):
+    """The peer sync port cannot be opened (taken, or not an address of this host)."""
+
+    def __init__(self, listen: HostPort, reason: str) -> None:
+        self.listen = listen
+        super().__init__(
+            f"setting listen = {listen}: {reason}; stop what uses the port or choose "
+            "another with --listen"
+        )
+
+
 class _RateLimitedLog:
     """Peer-caused warnings: at most one per key per interval."""
 
@@ -187,8 +198,15 @@ class Session:
             if frame.reply:
                 self.send(State(self.manager.vectors()))
         elif isinstance(frame, Digest):
-            if frame.value != digest(self.manager.vectors()):
-                self.send(State(self.manager.vectors(), reply=True))
+            ours = self.manager.vectors()
+            if frame.value != digest(ours):
+                self.send(State(ours, reply=True))
+            else:
+                # Equal digests: the peer had exactly our vectors. Record them, or the
+                # peer's own writes (which it never acks back to us) would count as
+                # "lacking" for good, since agreeing stations exchange no STATE.
+                for name, vector in ours:
+                    self._record_vector(name, vector)
         elif isinstance(frame, Peers):
             self.manager.learn_many(frame.peers, source=f"via {self.peer_id}")
         else:
@@ -288,7 +306,10 @@ class PeerManager:
         return self._server.port
 
     async def __aenter__(self) -> PeerManager:
-        await self._server.__aenter__()
+        try:
+            await self._server.__aenter__()
+        except OSError as exc:
+            raise PeerListenError(self.listen, exc.strerror or str(exc)) from exc
         self._unsubscribe = self.store.subscribe(self._on_commit)
         self._dialer = asyncio.create_task(self._dial_loop(), name="peers: dialer")
         _LOGGER.info("peer sync listening on %s:%d", self.listen.host, self.port)
