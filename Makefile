@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	    $(PYTHON) -m venv $(VENV); \
 	  else echo "python3 -m venv failed: install the python3-venv package" >&2; exit 1; fi; }
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev]' --config-settings editable_mode=compat
 	@touch $@
 
 run: $(STAMP)

@@ -7,7 +7,6 @@ for the whole command (the scan loop sends hundreds of requests over it).
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import socket
@@ -54,20 +53,107 @@ class ApiFailure(Exception):
         super().__init__(message)
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
+class _PeerHungUp(Exception):
+    """The daemon closed a keep-alive connection before answering."""
 
-    def connect(self) -> None:
+
+class _UnixConnection:
+    """Just enough HTTP/1.1 for the control API, over one keep-alive Unix socket.
+
+    ``http.client`` pulls in the ``email`` package (about 100 ms of imports on these
+    machines), which alone would use a third of the CLI's start-up budget.
+    """
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        self._path = path
+        self._timeout = timeout
+        self._sock: socket.socket | None = None
+        self._buffer = b""
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._buffer = b""
+
+    def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
+        sock.settimeout(self._timeout)
         try:
             sock.connect(str(self._path))
         except OSError:
             sock.close()
             raise
-        self.sock = sock
+        self._sock = sock
+        return sock
+
+    def exchange(self, method: str, url: str, payload: bytes | None) -> tuple[int, bytes]:
+        fresh = self._sock is None
+        sock = self._sock or self._connect()
+        body = payload or b""
+        head = f"{method} {url} HTTP/1.1\r\nHost: invsyncd\r\nContent-Length: {len(body)}\r\n"
+        if payload is not None:
+            head += "Content-Type: application/json\r\n"
+        sock.sendall(head.encode("ascii") + b"\r\n" + body)
+        try:
+            status, headers = self._read_head(sock)
+        except _PeerHungUp:
+            self.close()
+            if fresh:
+                raise ConnectionResetError("the daemon closed the connection") from None
+            raise
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            data = self._read_chunked(sock)
+        else:
+            data = self._read_exact(sock, int(headers.get("content-length", "0")))
+        if headers.get("connection", "").lower() == "close":
+            self.close()
+        return status, data
+
+    def _fill(self, sock: socket.socket) -> None:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise _PeerHungUp
+        self._buffer += chunk
+
+    def _read_head(self, sock: socket.socket) -> tuple[int, dict[str, str]]:
+        while b"\r\n\r\n" not in self._buffer:
+            self._fill(sock)
+        head, self._buffer = self._buffer.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[1].isdigit():
+            raise ConnectionResetError(f"not an HTTP answer: {lines[0][:60]!r}")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        return int(parts[1]), headers
+
+    def _read_exact(self, sock: socket.socket, length: int) -> bytes:
+        while len(self._buffer) < length:
+            try:
+                self._fill(sock)
+            except _PeerHungUp:
+                raise ConnectionResetError("answer cut short") from None
+        data, self._buffer = self._buffer[:length], self._buffer[length:]
+        return data
+
+    def _read_line(self, sock: socket.socket) -> bytes:
+        while b"\r\n" not in self._buffer:
+            self._fill(sock)
+        line, self._buffer = self._buffer.split(b"\r\n", 1)
+        return line
+
+    def _read_chunked(self, sock: socket.socket) -> bytes:
+        data = b""
+        while True:
+            size = int(self._read_line(sock).split(b";")[0], 16)
+            if size == 0:
+                self._read_line(sock)
+                return data
+            data += self._read_exact(sock, size)
+            self._read_line(sock)
 
 
 class ControlClient:
@@ -89,16 +175,13 @@ class ControlClient:
         if query:
             url += "?" + urlencode({k: v for k, v in query.items() if v is not None})
         payload = json.dumps(body).encode() if body is not None else None
-        headers = {"Content-Type": "application/json"} if payload is not None else {}
         for attempt in (1, 2):
             try:
-                self._conn.request(method, url, body=payload, headers=headers)
-                response = self._conn.getresponse()
-                raw = response.read()
+                status, raw = self._conn.exchange(method, url, payload)
                 break
             except (FileNotFoundError, ConnectionRefusedError) as exc:
                 raise DaemonUnreachable(self.path, exc.strerror or str(exc)) from None
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+            except (_PeerHungUp, BrokenPipeError, ConnectionResetError) as exc:
                 # A keep-alive connection the daemon closed: reconnect once.
                 self._conn.close()
                 if attempt == 2:
@@ -118,18 +201,18 @@ class ControlClient:
             data = json.loads(raw) if raw else {}
         except json.JSONDecodeError:
             raise ApiFailure(
-                response.status, "bad_response", raw[:200].decode(errors="replace"), {}
+                status, "bad_response", raw[:200].decode(errors="replace"), {}
             ) from None
-        if response.status >= 400:
+        if status >= 400:
             error = data.get("error", {}) if isinstance(data, dict) else {}
             raise ApiFailure(
-                response.status,
+                status,
                 str(error.get("code", "error")),
-                str(error.get("message", f"HTTP {response.status}")),
+                str(error.get("message", f"HTTP {status}")),
                 error,
             )
         if not isinstance(data, dict):
-            raise ApiFailure(response.status, "bad_response", "expected a JSON object", {})
+            raise ApiFailure(status, "bad_response", "expected a JSON object", {})
         return data
 
 
