@@ -14,8 +14,8 @@ $(STAMP): pyproject.toml
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; \
 	    $(PYTHON) -m venv $(VENV); \
 	  else echo "python3 -m venv failed: install the python3-venv package" >&2; exit 1; fi; }
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]' --config-settings editable_mode=compat
+	@$(BIN)/python -m pip install -q --upgrade pip >&2
+	@$(BIN)/python -m pip install -q -e '.[dev]' --config-settings editable_mode=compat >&2
 	@touch $@
 
 run: $(STAMP)
@@ -38,7 +38,7 @@ pytest: $(STAMP)
 test: system-deps lint typecheck pytest
 
 bench: $(STAMP)
-	$(BIN)/python -m bench
+	@$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
