@@ -32,11 +32,21 @@ def short_dir(prefix: str = "inv") -> Path:
 class Daemon:
     """One ``invsyncd`` subprocess with its own data dir and control socket."""
 
-    def __init__(self, data_dir: Path, socket_path: Path, *extra: str, name: str = "test") -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        socket_path: Path,
+        *extra: str,
+        name: str = "test",
+        mdns: bool = False,
+    ) -> None:
+        """``mdns=True`` runs mDNS discovery on 127.0.0.1 only (never the host's real
+        interfaces); the default passes ``--no-mdns``. ``extra`` flags come last and win."""
         self.data_dir = data_dir
         self.socket_path = socket_path
         self.extra = extra
         self.name = name
+        self.mdns = mdns
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / f"{data_dir.name}.log"
 
@@ -48,6 +58,12 @@ class Daemon:
         return env
 
     def start(self, *, timeout: float = 20.0, env: dict[str, str] | None = None) -> None:
+        self.launch(env=env)
+        self.wait_ready(timeout)
+
+    def launch(self, *, env: dict[str, str] | None = None) -> None:
+        """Start the process without waiting (start several, then ``wait_ready`` each)."""
+        discovery = ["--mdns-interface", "127.0.0.1"] if self.mdns else ["--no-mdns"]
         args = [
             INVSYNCD,
             "--data-dir",
@@ -56,7 +72,7 @@ class Daemon:
             str(self.socket_path),
             "--name",
             self.name,
-            "--no-mdns",
+            *discovery,
             "--listen",
             "127.0.0.1:0",
             *self.extra,
@@ -65,7 +81,6 @@ class Daemon:
             self.proc = subprocess.Popen(
                 args, stdout=log, stderr=subprocess.STDOUT, env=env or self.env
             )
-        self.wait_ready(timeout)
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
