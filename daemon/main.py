@@ -152,8 +152,10 @@ async def _watchdog(notifier: Notifier, interval: float, stop: asyncio.Event) ->
     """Ping systemd's watchdog while the event loop is responsive."""
     while not stop.is_set():
         notifier.watchdog()
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), interval)
+            async with asyncio.timeout(interval):
+                await stop.wait()
 
 
 async def _serve(config: Config, identity: StationIdentity, fleet_id: str) -> None:

@@ -324,10 +324,15 @@ class PeerManager:
         self._closed = True
         if self._unsubscribe is not None:
             self._unsubscribe()
-        tasks = [t for t in (self._dialer, *self._tasks) if t is not None]
-        for record in self.records.values():
+        # Stop dialing first, and let _serve refuse links that complete from now on:
+        # sessions that started while the links below were closing used to keep the
+        # station from stopping (the server waits for its handlers).
+        if self._dialer is not None:
+            self._dialer.cancel("peer manager closing")
+        for record in list(self.records.values()):
             if record.session is not None:
                 await record.session.link.close(CLOSE_SHUTDOWN, "station shutting down")
+        tasks = [t for t in (self._dialer, *self._tasks) if t is not None]
         for task in tasks:
             task.cancel("peer manager closing")
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -380,8 +385,13 @@ class PeerManager:
                     known.dialing = True
                     self._spawn(self._dial(known), f"peers: dial {known.address}")
             self._changed.clear()
+            # Not asyncio.wait_for: on Python 3.11 it returns normally when it is cancelled
+            # just after the event was set (a dial ending while close() cancels this task),
+            # so the loop ran on and close() waited for it forever. asyncio.timeout re-raises
+            # a cancellation it did not cause.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), 0.25)
+                async with asyncio.timeout(0.25):
+                    await self._changed.wait()
 
     async def _dial(self, known: KnownAddress) -> None:
         try:
@@ -418,9 +428,18 @@ class PeerManager:
     # ------------------------------------------------------------ sessions
 
     async def _accept(self, link: Link) -> None:
-        hello = await self._handshake(link, None)
-        if hello is not None:
-            await self._serve(link, hello)
+        # The server's handler task is tracked like a dial task, so close() can cancel
+        # a session it did not reach; the server would otherwise wait for it for good.
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            hello = await self._handshake(link, None)
+            if hello is not None:
+                await self._serve(link, hello)
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
 
     def _hello(self) -> Hello:
         return Hello(
@@ -437,7 +456,9 @@ class PeerManager:
         """Exchange hellos; refuse (with a reason both sides log) on any mismatch."""
         try:
             await link.send(encode_frame(self._hello()))
-            frame = decode_frame(await asyncio.wait_for(link.receive(), HELLO_TIMEOUT))
+            async with asyncio.timeout(HELLO_TIMEOUT):
+                raw = await link.receive()
+            frame = decode_frame(raw)
         except (LinkClosed, FrameError, TimeoutError) as exc:
             reason = getattr(exc, "reason", None) or "no hello in time"
             self.log.warning(
@@ -490,6 +511,9 @@ class PeerManager:
             record.name = name
 
     async def _serve(self, link: Link, hello: Hello) -> None:
+        if self._closed:
+            await link.close(CLOSE_SHUTDOWN, "station shutting down")
+            return
         record = self.records.setdefault(hello.station_id, PeerRecord(hello.station_id))
         session = Session(self, link, hello)
         existing = record.session
@@ -501,6 +525,9 @@ class PeerManager:
                 await link.close(CLOSE_DUPLICATE, "duplicate connection")
                 return
             await existing.link.close(CLOSE_DUPLICATE, "duplicate connection")
+        if self._closed:  # close() began while we waited: it will not see this session
+            await link.close(CLOSE_SHUTDOWN, "station shutting down")
+            return
         record.session = session
         record.name = hello.name
         host = link.remote.rsplit(":", 1)[0]
