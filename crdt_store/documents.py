@@ -7,8 +7,10 @@ are laid out inside Yjs documents:
   name, so two stations can never drop each other's item);
 - every transaction that touches an item also sets the writer's *change marker*
   ``"<item id>@<station>" = hlc`` in the shard's ``~changes`` root Map. A remote update
-  does not say which root Maps it changed, but the marker map's events do, and each key has
-  a single writer, so an event can never be lost to a concurrent write of the same key;
+  does not say which root Maps it changed, but the marker map's events do. Each key is
+  written *and deleted* only by its own station (never by another one), so an event can
+  never be lost to a concurrent write of the same key, nor to another station's delete
+  arriving first (a key added and deleted in one transaction raises no event);
 - a ledger day holds one root Array per station, ``moves@<station>``, that only that
   station appends to;
 - a pull sheet is a root Map named by the sheet, with per-station counters of units out;
@@ -20,7 +22,7 @@ No SQL and no clocks here: the caller passes HLC values in.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 from pycrdt import Array, Doc, Map
@@ -82,27 +84,15 @@ def add_stock(item: Map[Any], station: str, delta: int, current_own: int, hlc: i
     item[slot_key(STOCK_FIELD, station)] = [current_own + delta, hlc]
 
 
-def mark_changed(
-    doc: Doc[Any], item_id: str, item_stations: Iterable[str], station: str, hlc: int
-) -> None:
-    """Set our change marker for the item and drop the other stations' ones we can see."""
-    markers = changes_map(doc)
-    for other in set(item_stations):
-        if other != station:
-            key = slot_key(item_id, other)
-            if key in markers:
-                del markers[key]
-    markers[slot_key(item_id, station)] = hlc
+def mark_changed(doc: Doc[Any], item_id: str, station: str, hlc: int) -> None:
+    """Set our change marker for the item.
 
-
-def stations_of(raw: Mapping[str, Any]) -> set[str]:
-    """Stations that wrote any slot of an item."""
-    found: set[str] = set()
-    for key in raw:
-        parts = split_slot_key(key)
-        if parts is not None:
-            found.add(parts[1])
-    return found
+    Other stations' markers are left alone even when we can see them: deleting one lets
+    a station that receives our update before that station's own update get the marker
+    added and deleted in one transaction, which raises no event, so the item's other new
+    slots would never reach the query index there.
+    """
+    changes_map(doc)[slot_key(item_id, station)] = hlc
 
 
 def append_movement(doc: Doc[Any], movement: Movement) -> None:
