@@ -95,9 +95,9 @@ def mark_changed(doc: Doc[Any], item_id: str, station: str, hlc: int) -> None:
     changes_map(doc)[slot_key(item_id, station)] = hlc
 
 
-def append_movement(doc: Doc[Any], movement: Movement) -> None:
-    moves = doc.get(MOVES_PREFIX + movement.station, type=Array)
-    moves.append(movement_to_raw(movement))
+def append_movements(doc: Doc[Any], station: str, movements: Iterable[Movement]) -> None:
+    moves = doc.get(MOVES_PREFIX + station, type=Array)
+    moves.extend([movement_to_raw(movement) for movement in movements])
 
 
 def ledger_stations(doc: Doc[Any]) -> list[str]:

@@ -49,6 +49,7 @@ from .model import (
     EDITABLE_FIELDS,
     MAX_STOCK,
     REGISTER_FIELDS,
+    STOCK_FIELD,
     ItemView,
     Kind,
     Movement,
@@ -57,6 +58,7 @@ from .model import (
     check_qty,
     item_view,
     movement_from_raw,
+    slot_key,
     split_slot_key,
     stock_slots,
 )
@@ -164,6 +166,8 @@ class Store:
         self._docs: dict[str, Doc[Any]] = {}
         self._next_seq: dict[str, int] = {}
         self._log_length: dict[str, int] = {}
+        self._log_bytes: dict[str, int] = {}
+        self._snapshot_bytes: dict[str, int] = {}
         self._known_items: dict[str, int] = {}
         self._recent_ops: dict[str, None] = {}
         self._marker_maps: list[Any] = []
@@ -311,11 +315,13 @@ class Store:
             async for name, state, upto in cur:
                 self._docs[name].apply_update(state)
                 self._next_seq[name] = int(upto) + 1
+                self._snapshot_bytes[name] = len(state)
         async with self._db.execute("SELECT doc, seq, data FROM updates ORDER BY doc, seq") as cur:
             async for name, seq, data in cur:
                 self._docs[name].apply_update(data)
                 self._next_seq[name] = max(self._next_seq[name], int(seq) + 1)
                 self._log_length[name] += 1
+                self._log_bytes[name] += len(data)
         for name, doc in self._docs.items():
             self._watch(name, doc)
             if name.startswith("items/"):
@@ -332,6 +338,8 @@ class Store:
         self._docs[name] = doc
         self._next_seq[name] = 1
         self._log_length[name] = 0
+        self._log_bytes[name] = 0
+        self._snapshot_bytes[name] = 0
         if observe:
             self._watch(name, doc)
         return doc
@@ -487,7 +495,24 @@ class Store:
         sheet: str | None = None,
         op_id: str | None = None,
     ) -> Movement:
-        movement = Movement(
+        movement = self._movement(
+            view, op=op, hlc=hlc, operator=operator, qty=qty, sheet=sheet, op_id=op_id
+        )
+        self._append_movements([movement])
+        return movement
+
+    def _movement(
+        self,
+        view: ItemView,
+        *,
+        op: str,
+        hlc: int,
+        operator: str,
+        qty: int = 0,
+        sheet: str | None = None,
+        op_id: str | None = None,
+    ) -> Movement:
+        return Movement(
             id=op_id or new_uuid7(physical_ms(hlc)),
             hlc=hlc,
             station=self.station_id,
@@ -498,18 +523,25 @@ class Store:
             qty=qty,
             sheet=sheet,
         )
-        name = ledger_doc(physical_ms(hlc))
-        doc = self._doc(name)
-        with doc.transaction(origin=LOCAL):
-            documents.append_movement(doc, movement)
-        key = (name, self.station_id)
-        self._ledger_indexed[key] = self._ledger_indexed.get(key, 0) + 1
-        self._batch.ledger_progress[key] = self._ledger_indexed[key]
-        self._batch.movements.append(movement)
-        self._recent_ops[movement.id] = None
-        if len(self._recent_ops) > _RECENT_OPS:
+
+    def _append_movements(self, movements: Sequence[Movement]) -> None:
+        """Append to this station's ledger array of each movement's day, one transaction
+        per day."""
+        by_day: dict[str, list[Movement]] = {}
+        for movement in movements:
+            by_day.setdefault(ledger_doc(physical_ms(movement.hlc)), []).append(movement)
+        for name, day in by_day.items():
+            doc = self._doc(name)
+            with doc.transaction(origin=LOCAL):
+                documents.append_movements(doc, self.station_id, day)
+            key = (name, self.station_id)
+            self._ledger_indexed[key] = self._ledger_indexed.get(key, 0) + len(day)
+            self._batch.ledger_progress[key] = self._ledger_indexed[key]
+        self._batch.movements.extend(movements)
+        for movement in movements:
+            self._recent_ops[movement.id] = None
+        while len(self._recent_ops) > _RECENT_OPS:
             del self._recent_ops[next(iter(self._recent_ops))]
-        return movement
 
     async def _replayed(self, op_id: str | None, item_id: str) -> ItemView | None:
         """The result of an operation already applied under ``op_id``, else ``None``.
@@ -559,8 +591,16 @@ class Store:
         return views
 
     def _add_items(self, rows: Sequence[NewItem], operator: str) -> list[ItemView]:
+        """New items, one transaction per shard and one ledger append for all of them.
+
+        An import of 100k items would otherwise make 200k transactions and as many log
+        rows; the views are computed from the values written, not read back.
+        """
         checked = [check_new_item(row) for row in rows]
+        station = self.station_id
+        by_shard: dict[int, list[tuple[str, dict[str, Any]]]] = {}
         views: list[ItemView] = []
+        movements: list[Movement] = []
         for new in checked:
             hlc = self._tick()
             item_id = new_uuid7(physical_ms(hlc))
@@ -574,16 +614,27 @@ class Store:
             }
             if new.kind == "serial":
                 registers["status"] = "in"
-            self._write_item(
-                item_id,
-                hlc,
-                registers=registers,
-                stock_delta=new.qty if new.kind == "bulk" else 0,
-                fresh=True,
-            )
-            view = self._settled_view(item_id)
-            self._record(view, op="add", hlc=hlc, operator=operator, qty=view.stock)
+            raw: dict[str, Any] = {slot_key(k, station): [v, hlc] for k, v in registers.items()}
+            if new.kind == "bulk" and new.qty:
+                raw[slot_key(STOCK_FIELD, station)] = [new.qty, hlc]
+            by_shard.setdefault(shard_of(item_id, self.shard_count), []).append((item_id, raw))
+            view = item_view(item_id, raw)
             views.append(view)
+            movements.append(
+                self._movement(view, op="add", hlc=hlc, operator=operator, qty=view.stock)
+            )
+        for shard, group in by_shard.items():
+            doc = self._docs[item_doc(shard)]
+            with doc.transaction(origin=LOCAL):
+                for item_id, raw in group:
+                    documents.item_map(doc, item_id).update(raw)
+                    hlc = raw[slot_key("barcode", station)][1]
+                    documents.mark_changed(doc, item_id, station, hlc)
+                    self._known_items[item_id] = shard
+        for view in views:
+            self._batch.touched.add(view.id)
+            self._batch.views[view.id] = view
+        self._append_movements(movements)
         return views
 
     async def edit_item(
@@ -1009,11 +1060,9 @@ class Store:
             seq = self._next_seq[update.doc]
             self._next_seq[update.doc] = seq + 1
             self._log_length[update.doc] += 1
+            self._log_bytes[update.doc] += len(update.update)
             rows.append((update.doc, seq, update.update))
-        compact = set(batch.compact)
-        for name in {update.doc for update in batch.updates}:
-            if self._log_length[name] >= self._compact_after and not compact:
-                compact.add(name)
+        compact = set(batch.compact) or self._most_overdue()
         snapshots = [
             (
                 name,
@@ -1046,8 +1095,29 @@ class Store:
             ),
         ]
         await _transaction(self._db, statements)
-        for name, *_ in snapshots:
+        for name, state, *_ in snapshots:
             self._log_length[name] = 0
+            self._log_bytes[name] = 0
+            self._snapshot_bytes[name] = len(state)
+
+    def _most_overdue(self) -> set[str]:
+        """The one document most worth compacting in this commit, if any.
+
+        A log is folded once it has ``compact_after`` updates *and* is an eighth the size
+        of the snapshot (or ten times longer): rewriting a 10 MB ledger day every 1000
+        checkouts would cost more than replaying its log. One document per commit keeps
+        each event-loop stall to one snapshot.
+        """
+        due = [
+            name
+            for name, length in self._log_length.items()
+            if length >= self._compact_after
+            and (
+                self._log_bytes[name] * 8 >= self._snapshot_bytes[name]
+                or length >= 10 * self._compact_after
+            )
+        ]
+        return {max(due, key=lambda name: self._log_bytes[name])} if due else set()
 
 
 # ---------------------------------------------------------------------- module helpers
