@@ -950,6 +950,25 @@ class Store:
         one is refused with :class:`CorruptUpdate` and nothing changes. Returns after the
         update is durably stored; subscribers then see it with its origin.
         """
+        return await self.merge_remote(doc_name, update, origin)
+
+    def merge_remote(self, doc_name: str, update: bytes, origin: str) -> asyncio.Future[bool]:
+        """Merge now, and return a future that resolves once the merge is durable.
+
+        A peer session merges each update as it arrives and acknowledges it when its
+        future resolves, so a burst of updates from one peer shares group commits instead
+        of waiting for one fsync each. Errors in the update raise here, at once.
+        """
+        result: asyncio.Future[bool] = self._loop.create_future()
+        if self._merge(doc_name, update, origin):
+            batch = self._batch
+            self._wakeup.set()
+            batch.done.add_done_callback(partial(_relay_outcome, result))
+        else:
+            result.set_result(False)
+        return result
+
+    def _merge(self, doc_name: str, update: bytes, origin: str) -> bool:
         self._check_open()
         check_doc_name(doc_name, self.shard_count)
         if origin == LOCAL or not origin:
@@ -978,7 +997,6 @@ class Store:
         self._integrated.clear()
         if doc_name.startswith("ledger/"):
             self._index_ledger(doc_name, doc)
-        await self._commit()
         return True
 
     def _index_ledger(self, name: str, doc: Doc[Any]) -> None:
@@ -1121,6 +1139,17 @@ class Store:
 
 
 # ---------------------------------------------------------------------- module helpers
+
+
+def _relay_outcome(result: asyncio.Future[bool], done: asyncio.Future[None]) -> None:
+    if result.done():
+        return
+    if done.cancelled():
+        result.cancel()
+    elif (error := done.exception()) is not None:
+        result.set_exception(error)
+    else:
+        result.set_result(True)
 
 
 def _run_transaction(conn: sqlite3.Connection, statements: Sequence[index.Statement]) -> None:

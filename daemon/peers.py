@@ -23,6 +23,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from crdt_store import CommittedUpdate, Store, StoreClosed, StoreError
@@ -183,12 +184,14 @@ class Session:
     async def _handle(self, frame: Frame) -> None:
         if isinstance(frame, Update):
             try:
-                await self._store.apply_remote(frame.doc, frame.update, origin=self.peer_id)
+                stored = self._store.merge_remote(frame.doc, frame.update, origin=self.peer_id)
             except StoreClosed:
                 raise
             except StoreError as exc:
-                raise FrameError(f"rejected update for {frame.doc}: {exc}") from exc
-            self.send(Ack(frame.doc, self._store.state_vector(frame.doc)))
+                raise FrameError(f"rejected update: {exc}") from exc
+            # Acknowledge once durable; meanwhile keep reading, so a burst of updates
+            # shares group commits instead of waiting for one fsync each.
+            stored.add_done_callback(partial(self._acknowledge, frame.doc))
         elif isinstance(frame, Ack):
             self._record_vector(frame.doc, frame.state_vector)
         elif isinstance(frame, State):
@@ -211,6 +214,11 @@ class Session:
             self.manager.learn_many(frame.peers, source=f"via {self.peer_id}")
         else:
             raise FrameError(f"unexpected {type(frame).__name__} after hello")
+
+    def _acknowledge(self, doc: str, stored: asyncio.Future[bool]) -> None:
+        if stored.cancelled() or stored.exception() is not None:
+            return  # the store stopped; the peer resends what it lacks after reconnecting
+        self.send(Ack(doc, self._store.state_vector(doc)))
 
     def _record_vector(self, doc: str, vector: bytes) -> None:
         record = self.manager.records.get(self.peer_id)
