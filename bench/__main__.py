@@ -33,6 +33,7 @@ BENCHMARKS: dict[str, Runner] = {
     "store": store.run,
     "daemon": stations.run_daemon,
     "sync": stations.run_sync,
+    "partition": stations.run_partition,
 }
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import aiohttp
 
 from cli.client import ControlClient
+from tests import netns
 from tests.daemon_harness import INVSYNC, Daemon, short_dir
 
 Json = dict[str, Any]
@@ -319,3 +320,76 @@ def run_sync(args: argparse.Namespace) -> Json:
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return result
+
+
+# ---------------------------------------------------------------------- partition
+
+
+def _stock(client: ControlClient, barcode: str) -> int:
+    stock: int = client.request("GET", f"items/{barcode}")["items"][0]["stock"]
+    return stock
+
+
+def run_partition(args: argparse.Namespace) -> Json:
+    """Convergence after healing a partition during which both sides kept working.
+
+    Two stations in network namespaces on a bridge; nft at the bridge cuts one off, each
+    side records ``ops`` checkouts, the cut is removed, and the clock runs until both
+    show the same stock and neither lacks anything of the other. The time includes
+    noticing the link is back (reconnect backoff), which is what a warehouse sees.
+    """
+    reason = netns.unavailable()
+    if reason is not None:
+        return {"skipped": reason}
+    ops = 200 if args.quick else 1000
+    base = short_dir("bench")
+    try:
+        with netns.lan(2) as network:
+            a_host, b_host = network.hosts
+            stations = [
+                netns.Station(a_host, base, "a", FLEET),
+                netns.Station(b_host, base, "b", FLEET),
+            ]
+            for station in stations:
+                station.launch()
+            for station in stations:
+                station.wait_ready(30)
+            a, b = (ControlClient(s.socket_path, timeout=30) for s in stations)
+            try:
+                _wait(lambda: any(p["state"] == "connected" for p in _peers(a)), 30)
+                a.request("POST", "items", {"barcode": "PART01", "name": "Cable", "qty": 10**6})
+                _wait(lambda: _found(b, "PART01"), 30)
+                network.cut_off(b_host)
+                _wait(lambda: not any(p["state"] == "connected" for p in _peers(a)), 30)
+                started = time.perf_counter()
+                for client in (a, b):
+                    for _ in range(ops):
+                        client.request("POST", "items/PART01/checkout", {"qty": 1})
+                working = time.perf_counter() - started
+                expected = 10**6 - 2 * ops
+                network.heal()
+                healed = time.perf_counter()
+
+                def converged() -> bool:
+                    if _stock(a, "PART01") != expected or _stock(b, "PART01") != expected:
+                        return False
+                    return all(
+                        p["state"] == "connected" and p["lacking"] == 0
+                        for client in (a, b)
+                        for p in _peers(client)
+                    )
+
+                _wait(converged, 120, step=0.05)
+                convergence = time.perf_counter() - healed
+            finally:
+                a.close()
+                b.close()
+                for station in stations:
+                    station.stop(timeout=60)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return {
+        "ops_per_side": ops,
+        "seconds_for_both_sides_to_work": round(working, 2),
+        "seconds_from_heal_to_converged": round(convergence, 2),
+    }

@@ -63,19 +63,16 @@ def root_names(doc: Doc[Any]) -> list[str]:
     return list(doc.keys())
 
 
-def write_register(
-    item: Map[Any], station: str, field: str, value: object, hlc: int, *, fresh: bool = False
-) -> None:
+def write_register(item: Map[Any], station: str, field: str, value: object, hlc: int) -> None:
     """Set this station's slot and delete every other slot of the field we have seen.
 
     Deleting what we have seen is what makes a later write supersede earlier ones no matter
     their clocks; only slots we have *not* seen (concurrent writes) survive as a conflict.
     """
     own = slot_key(field, station)
-    if not fresh:
-        prefix = field + "@"
-        for key in [key for key in list(item.keys()) if key.startswith(prefix) and key != own]:
-            del item[key]
+    prefix = field + "@"
+    for key in [key for key in list(item.keys()) if key.startswith(prefix) and key != own]:
+        del item[key]
     item[own] = [value, hlc]
 
 
@@ -110,6 +107,10 @@ def ledger_tail(doc: Doc[Any], station: str, start: int) -> list[Any]:
     length = len(moves)
     if start >= length:
         return []
+    if length - start <= 1000:
+        # A live update adds an entry or two to a day that may hold 100k: read the tail
+        # only, not the whole array.
+        return list(moves[start:length])
     with doc.transaction() as txn:
         entries: list[Any] = json.loads(moves.integrated.to_json(txn._txn))
     return entries[start:]

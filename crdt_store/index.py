@@ -219,6 +219,17 @@ async def movement_exists(db: aiosqlite.Connection, movement_id: str) -> bool:
         return await cursor.fetchone() is not None
 
 
+async def live_barcodes(db: aiosqlite.Connection, barcodes: Sequence[str]) -> set[str]:
+    found: set[str] = set()
+    for start in range(0, len(barcodes), 500):
+        chunk = list(barcodes[start : start + 500])
+        marks = ",".join("?" * len(chunk))
+        sql = f"SELECT barcode FROM items WHERE NOT deleted AND barcode IN ({marks})"
+        async with db.execute(sql, chunk) as cursor:
+            found.update(row[0] for row in await cursor.fetchall())
+    return found
+
+
 async def live_item_count(db: aiosqlite.Connection) -> int:
     async with db.execute("SELECT count(*) FROM items WHERE NOT deleted") as cursor:
         row = await cursor.fetchone()

@@ -270,12 +270,13 @@ class ControlApi:
             self._imports[import_id] = seen
             while len(self._imports) > 8:
                 del self._imports[next(iter(self._imports))]
+        existing = await self.store.live_barcodes([new.barcode for _, new in good])
         for line, new in good:
             if new.barcode in seen:
                 problems.append(
                     RowProblem(line, f"barcode {new.barcode} repeats line {seen[new.barcode]}")
                 )
-            elif await self.store.find(new.barcode):
+            elif new.barcode in existing:
                 skipped.append({"line": line, "barcode": new.barcode, "reason": "exists"})
             else:
                 seen[new.barcode] = line
