@@ -117,6 +117,15 @@ MIGRATIONS: Sequence[Migration] = (
         CREATE INDEX movements_cloud_pending ON movements (hlc) WHERE cloud_pushed = 0;
         """,
     ),
+    Migration(
+        "004_index_backlog",
+        """
+        -- Items changed in the log whose query-index rows are still to be written: a
+        -- catch-up from a peer touching 100k items is indexed a slice per commit, so the
+        -- event loop never stalls for seconds, and a crash loses none of the backlog.
+        CREATE TABLE index_pending (item_id TEXT PRIMARY KEY) WITHOUT ROWID;
+        """,
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import re
@@ -88,6 +89,8 @@ MAX_REMOTE_UPDATE = 64 * 1024 * 1024
 _SKEW_LOG_INTERVAL_MS = 600_000
 #: Operation ids remembered in memory for retries; older ones are found in the index.
 _RECENT_OPS = 10_000
+#: Most item views resolved in one commit for changes that came from peers.
+INDEX_SLICE = 500
 _OP_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
@@ -170,6 +173,8 @@ class Store:
         self._snapshot_bytes: dict[str, int] = {}
         self._known_items: dict[str, int] = {}
         self._recent_ops: dict[str, None] = {}
+        #: Items whose index rows wait for a later commit (ordered; see _index_slice).
+        self._index_backlog: dict[str, None] = {}
         self._marker_maps: list[Any] = []
         self._ledger_indexed: dict[tuple[str, str], int] = {}
         self._origin = _LOADING
@@ -335,6 +340,9 @@ class Store:
         async with self._db.execute("SELECT doc, station, count FROM ledger_progress") as cur:
             async for name, station, count in cur:
                 self._ledger_indexed[(name, station)] = int(count)
+        async with self._db.execute("SELECT item_id FROM index_pending") as cur:
+            async for (item_id,) in cur:
+                self._index_backlog[item_id] = None
 
     def _new_doc(self, name: str, *, observe: bool = True) -> Doc[Any]:
         doc: Doc[Any] = Doc(client_id=self.client_id)
@@ -358,9 +366,11 @@ class Store:
     async def _ensure_index(self, meta: Mapping[str, str]) -> None:
         """Rebuild the query index when its layout changed or rows are missing."""
         stored_version = int(meta.get("index_version", "0"))
-        if stored_version == INDEX_VERSION and await index.item_count(self._db) == len(
-            self._known_items
+        if stored_version == INDEX_VERSION and (
+            self._index_backlog or await index.item_count(self._db) == len(self._known_items)
         ):
+            if self._index_backlog:
+                self._wakeup.set()
             return
         if self._known_items:
             _LOGGER.warning("rebuilding the query index of %s from the documents", self.path)
@@ -377,6 +387,7 @@ class Store:
         await self._db.execute("BEGIN IMMEDIATE")
         try:
             await index.clear(self._db)
+            await self._db.execute("DELETE FROM index_pending")
             await index.write_views(self._db, views)
             await index.write_movements(self._db, movements)
             await self._db.executemany(
@@ -389,6 +400,7 @@ class Store:
             await self._db.rollback()
             raise
         self._ledger_indexed = progress
+        self._index_backlog.clear()
 
     # ------------------------------------------------------------------ observers
 
@@ -1062,7 +1074,7 @@ class Store:
             batch, self._batch = self._batch, _Batch(self._loop.create_future())
             # An empty batch still resolves: its waiters only need what came before it.
             try:
-                if not batch.is_empty():
+                if not batch.is_empty() or self._index_backlog:
                     await self._write(batch)
             except BaseException as exc:
                 self._failure = exc
@@ -1083,15 +1095,37 @@ class Store:
             if self._closing and self._batch.is_empty():
                 self._batch.done.set_result(None)
                 return
-            if not self._batch.is_empty():
+            if not self._batch.is_empty() or (self._index_backlog and not self._closing):
                 self._wakeup.set()
+
+    def _index_slice(self, batch: _Batch) -> tuple[list[ItemView], list[str], list[str]]:
+        """Views to write in this commit, items newly put off, and items caught up.
+
+        Views of local operations are already computed. Items changed by peers are
+        resolved here, at most ``INDEX_SLICE`` per commit (about 30 ms); the rest join a
+        durable backlog that the following commits work through.
+        """
+        views = [batch.views[item_id] for item_id in batch.touched if item_id in batch.views]
+        backlog = self._index_backlog
+        put_off = [item_id for item_id in batch.touched if item_id not in batch.views]
+        for item_id in put_off:
+            backlog[item_id] = None
+        done = [view.id for view in views if view.id in backlog]
+        for item_id in done:
+            del backlog[item_id]
+        room = max(0, INDEX_SLICE - len(views))
+        taken = list(itertools.islice(backlog, room))
+        for item_id in taken:
+            del backlog[item_id]
+            views.append(self._compute_view(item_id))
+        caught_up = done + taken
+        fresh = set(caught_up)
+        return views, [i for i in put_off if i not in fresh], caught_up
 
     async def _write(self, batch: _Batch) -> None:
         # Everything read from memory is taken before the first await, so the index
         # and snapshots match exactly the updates in this commit.
-        views = [
-            batch.views.get(item_id) or self._compute_view(item_id) for item_id in batch.touched
-        ]
+        views, put_off, caught_up = self._index_slice(batch)
         rows = []
         for update in batch.updates:
             seq = self._next_seq[update.doc]
@@ -1111,6 +1145,8 @@ class Store:
         ]
         statements: list[index.Statement] = [
             ("INSERT INTO updates (doc, seq, data) VALUES (?, ?, ?)", rows),
+            ("INSERT OR IGNORE INTO index_pending (item_id) VALUES (?)", [(i,) for i in put_off]),
+            ("DELETE FROM index_pending WHERE item_id = ?", [(i,) for i in caught_up]),
             *index.view_statements(views),
             *index.movement_statements(batch.movements),
             (

@@ -13,6 +13,7 @@ database and its WAL while the store is still open (a crash image) and opens the
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import shutil
@@ -40,6 +41,7 @@ from crdt_store import (
     UnknownDocument,
 )
 from crdt_store.schema import SCHEMA_VERSION, migrate
+from crdt_store.store import INDEX_SLICE
 
 SHARDS = 8
 BARCODES = ("SPK001", "CBL010", "MIX001", "DUP001", "LGT001", "CASE01")
@@ -233,7 +235,7 @@ async def build_old_database(current: Path, old: Path, version: int) -> None:
     """Make the database an older invsync would have written, from the same history.
 
     The document log (``meta``, ``updates``, ``snapshots``) has kept its format since
-    version 1; migrations 2 and 3 only added derived tables. So an older station's file is
+    version 1; later migrations only added derived tables. So an older station's file is
     the real older migrations plus the rows of the tables that version had, copied from a
     current store that went through the same operations.
     """
@@ -249,6 +251,7 @@ async def build_old_database(current: Path, old: Path, version: int) -> None:
             "movements": "id, hlc, station, operator, item_id, barcode, op, qty, sheet",
             "ledger_progress": "doc, station, count",
         },
+        3: {"cloud_dirty_items": "item_id, hlc"},
     }
     assert set(range(1, version + 1)) <= tables.keys(), f"describe version {version} here"
     async with aiosqlite.connect(old, isolation_level=None) as db:
@@ -539,3 +542,35 @@ async def test_a_restored_older_copy_gets_a_new_client_id(tmp_path: Path) -> Non
     async with Store.open(path, station_id="A", shard_count=SHARDS) as store:
         assert store.client_id != used_after_backup
         assert (await store.item("SPK001")).stock == 8
+
+
+async def _indexed_items(store: Store, expected: int) -> int:
+    """Live items in the query index once it stops growing (bounded wait)."""
+    for _ in range(200):
+        count = await store.count_items()
+        if count == expected:
+            return count
+        await asyncio.sleep(0.05)
+    return await store.count_items()
+
+
+async def test_a_large_catch_up_is_indexed_in_slices_and_survives_a_restart(
+    tmp_path: Path,
+) -> None:
+    """Indexing 1,200 items from a peer is spread over commits; a restart in the middle
+    finishes it from the durable backlog instead of losing those items from lookups."""
+    count = 2 * INDEX_SLICE + 200
+    # One shard, so one update from the peer touches every item at once.
+    async with Store.open(tmp_path / "A.db", station_id="A", shard_count=1) as source:
+        await source.import_items([NewItem(f"XLR{i:04d}", f"XLR cable {i}") for i in range(count)])
+        docs = {name: source.diff(name) for name in source.doc_names()}
+    path = tmp_path / "B.db"
+    async with Store.open(path, station_id="B", shard_count=1) as station:
+        # Stop right after the catch-up is stored: at most two slices are indexed by then.
+        await station.apply_remote("items/00", docs["items/00"], origin="A")
+    # The station stopped with part of the catch-up still unindexed.
+    assert table_rows(path, "SELECT count(*) FROM index_pending")[0][0] > 0
+    async with Store.open(path, station_id="B", shard_count=1) as station:
+        assert await _indexed_items(station, count) == count
+        assert (await station.item("XLR1199")).name == "XLR cable 1199"
+    assert table_rows(path, "SELECT count(*) FROM index_pending") == [(0,)]
