@@ -147,6 +147,8 @@ class Session:
         self._dropped = False
         self._closing: str | None = None
         self._store = manager.store
+        #: Catch-up diffs sent per document and not yet acknowledged.
+        self._diffs_in_flight: dict[str, int] = {}
 
     # ------------------------------------------------------------ outgoing
 
@@ -194,6 +196,8 @@ class Session:
             stored.add_done_callback(partial(self._acknowledge, frame.doc))
         elif isinstance(frame, Ack):
             self._record_vector(frame.doc, frame.state_vector)
+            if self._diffs_in_flight.get(frame.doc):
+                self._diffs_in_flight[frame.doc] -= 1
         elif isinstance(frame, State):
             for name, vector in frame.vectors:
                 self._record_vector(name, vector)
@@ -228,11 +232,16 @@ class Session:
     def _send_missing(self, theirs: dict[str, bytes]) -> None:
         """Send a diff for every document the peer lacks something of."""
         for name in self._store.doc_names():
+            if self._diffs_in_flight.get(name):
+                # Its state predates the diff still on its way: sending another copy of a
+                # large catch-up (a whole shard) would only double the traffic.
+                continue
             ours = decode_state_vector(self._store.state_vector(name))
             their_vector = theirs.get(name)
             their_clocks = decode_state_vector(their_vector) if their_vector else {}
             if missing_from(ours, their_clocks):
                 self.send(Update(name, self._store.diff(name, their_vector)))
+                self._diffs_in_flight[name] = self._diffs_in_flight.get(name, 0) + 1
 
     # ------------------------------------------------------------ lifecycle
 
