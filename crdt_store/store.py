@@ -486,23 +486,6 @@ class Store:
                 documents.write_register(item, self.station_id, name, value, hlc)
             documents.mark_changed(doc, item_id, self.station_id, hlc)
 
-    def _record(
-        self,
-        view: ItemView,
-        *,
-        op: str,
-        hlc: int,
-        operator: str,
-        qty: int = 0,
-        sheet: str | None = None,
-        op_id: str | None = None,
-    ) -> Movement:
-        movement = self._movement(
-            view, op=op, hlc=hlc, operator=operator, qty=qty, sheet=sheet, op_id=op_id
-        )
-        self._append_movements([movement])
-        return movement
-
     def _movement(
         self,
         view: ItemView,
@@ -689,7 +672,7 @@ class Store:
         hlc = self._tick()
         self._write_item(item_id, hlc, registers=registers)
         view = self._settled_view(item_id)
-        self._record(view, op="edit", hlc=hlc, operator=operator)
+        self._append_movements([self._movement(view, op="edit", hlc=hlc, operator=operator)])
         await self._commit()
         return view
 
@@ -701,7 +684,7 @@ class Store:
         hlc = self._tick()
         self._write_item(item_id, hlc, registers={"deleted": True})
         view = self._settled_view(item_id)
-        self._record(view, op="delete", hlc=hlc, operator=operator)
+        self._append_movements([self._movement(view, op="delete", hlc=hlc, operator=operator)])
         await self._commit()
         return view
 
@@ -738,14 +721,18 @@ class Store:
             view = self._write_stock(view, -qty, hlc)
         if sheet_name is not None:
             self._add_to_sheet(sheet_name, item_id, qty)
-        self._record(
-            view,
-            op="checkout",
-            hlc=hlc,
-            operator=operator,
-            qty=qty,
-            sheet=sheet_name,
-            op_id=op_id,
+        self._append_movements(
+            [
+                self._movement(
+                    view,
+                    op="checkout",
+                    hlc=hlc,
+                    operator=operator,
+                    qty=qty,
+                    sheet=sheet_name,
+                    op_id=op_id,
+                )
+            ]
         )
         await self._commit()
         return view
@@ -781,8 +768,18 @@ class Store:
             view = self._write_stock(view, qty, hlc)
         if sheet_name is not None:
             self._add_to_sheet(sheet_name, item_id, -qty)
-        self._record(
-            view, op="return", hlc=hlc, operator=operator, qty=qty, sheet=sheet_name, op_id=op_id
+        self._append_movements(
+            [
+                self._movement(
+                    view,
+                    op="return",
+                    hlc=hlc,
+                    operator=operator,
+                    qty=qty,
+                    sheet=sheet_name,
+                    op_id=op_id,
+                )
+            ]
         )
         await self._commit()
         return view
@@ -813,7 +810,9 @@ class Store:
             delta = counted - view.stock
             if delta:
                 view = self._write_stock(view, delta, hlc)
-        self._record(view, op="count", hlc=hlc, operator=operator, qty=delta, op_id=op_id)
+        self._append_movements(
+            [self._movement(view, op="count", hlc=hlc, operator=operator, qty=delta, op_id=op_id)]
+        )
         await self._commit()
         return view
 
@@ -843,7 +842,7 @@ class Store:
         hlc = self._tick()
         self._write_item(item_id, hlc, registers=registers)
         view = self._settled_view(item_id)
-        self._record(view, op="resolve", hlc=hlc, operator=operator)
+        self._append_movements([self._movement(view, op="resolve", hlc=hlc, operator=operator)])
         await self._commit()
         return view
 

@@ -330,21 +330,18 @@ class ControlApi:
         return web.json_response({"item": _item(view)})
 
     async def checkout(self, request: web.Request) -> web.Response:
-        view, data = await self._target(request)
-        qty = _int(data, "qty", 1)
-        view = await self.store.checkout(
-            view.id,
-            qty,
-            sheet=_text(data, "sheet"),
-            operator=_text(data, "operator", "") or "",
-            op_id=_text(data, "op_id"),
-        )
-        return web.json_response({"item": _item(view), "qty": qty})
+        return await self._move(request, self.store.checkout)
 
     async def return_units(self, request: web.Request) -> web.Response:
+        return await self._move(request, self.store.return_units)
+
+    async def _move(
+        self, request: web.Request, move: Callable[..., Awaitable[ItemView]]
+    ) -> web.Response:
+        """Checkout or return: the same request shape, the store decides the rest."""
         view, data = await self._target(request)
         qty = _int(data, "qty", 1)
-        view = await self.store.return_units(
+        view = await move(
             view.id,
             qty,
             sheet=_text(data, "sheet"),
