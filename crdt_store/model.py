@@ -280,25 +280,57 @@ def _as_int(value: object) -> int | None:
     return int(value)
 
 
-def register_slots(raw: Mapping[str, Any]) -> dict[str, list[Slot]]:
-    """Group the well-formed register slots of an item map by field.
+_MAX_EXACT = 2**53
+#: (hlc, station, value) of one register slot, before any Slot object is made.
+_RawSlot = tuple[int, str, FieldValue]
+
+
+def _exact_int(value: object) -> int | None:
+    """``_as_int`` with a fast path for the floats pycrdt hands back."""
+    if type(value) is float:
+        if value.is_integer() and -_MAX_EXACT < value < _MAX_EXACT:
+            return int(value)
+        return None
+    return _as_int(value)
+
+
+def _parse_slots(
+    raw: Mapping[str, Any],
+) -> tuple[dict[str, list[_RawSlot]], dict[str, tuple[int, int]]]:
+    """One pass over an item map: well-formed register slots by field, and counters.
 
     Slots that do not fit (a peer running a newer version, or a bad peer) are ignored
-    rather than allowed to break the view.
+    rather than allowed to break the view. This runs for every item a checkout, an import
+    or a catch-up touches, so it avoids building objects until a conflict needs them.
     """
-    slots: dict[str, list[Slot]] = {}
+    registers: dict[str, list[_RawSlot]] = {}
+    counters: dict[str, tuple[int, int]] = {}
     for key, value in raw.items():
-        parts = split_slot_key(key)
-        if parts is None or parts[0] not in _DEFAULTS:
+        name, sep, station = key.rpartition("@")
+        if not sep or not name or not station:
             continue
-        name, station = parts
-        if not isinstance(value, list) or len(value) != 2:
+        if type(value) is not list or len(value) != 2:
             continue
-        hlc = _as_int(value[1])
-        if hlc is None or not _fits(name, value[0]):
+        first, second = value
+        hlc = _exact_int(second)
+        if hlc is None:
             continue
-        slots.setdefault(name, []).append(Slot(value[0], hlc, station))
-    return slots
+        if name == STOCK_FIELD:
+            delta = _exact_int(first)
+            if delta is not None:
+                counters[station] = (delta, hlc)
+        elif name in _DEFAULTS and _fits(name, first):
+            registers.setdefault(name, []).append((hlc, station, first))
+    return registers, counters
+
+
+def register_slots(raw: Mapping[str, Any]) -> dict[str, list[Slot]]:
+    """The well-formed register slots of an item map, by field."""
+    registers, _ = _parse_slots(raw)
+    return {
+        name: [Slot(value, hlc, station) for hlc, station, value in live]
+        for name, live in registers.items()
+    }
 
 
 def stock_slots(raw: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
@@ -307,17 +339,8 @@ def stock_slots(raw: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
     The HLC does not decide the stock (that is the sum of all deltas); it lets a cloud
     copy keep the newest delta of each station when several bridges push at once.
     """
-    deltas: dict[str, tuple[int, int]] = {}
-    for key, value in raw.items():
-        parts = split_slot_key(key)
-        if parts is None or parts[0] != STOCK_FIELD:
-            continue
-        if not isinstance(value, list) or len(value) != 2:
-            continue
-        delta, hlc = _as_int(value[0]), _as_int(value[1])
-        if delta is not None and hlc is not None:
-            deltas[parts[1]] = (delta, hlc)
-    return deltas
+    _, counters = _parse_slots(raw)
+    return counters
 
 
 def winner(slots: list[Slot]) -> Slot:
@@ -327,26 +350,28 @@ def winner(slots: list[Slot]) -> Slot:
 
 def item_view(item_id: str, raw: Mapping[str, Any]) -> ItemView:
     """Resolve an item map (plain values, as pycrdt's ``to_py`` gives) into a view."""
-    slots = register_slots(raw)
+    registers, counters = _parse_slots(raw)
     values: dict[str, object] = dict(_DEFAULTS)
     field_hlcs: dict[str, int] = {}
     conflicts: list[FieldConflict] = []
     top_hlc = 0
     for name in REGISTER_FIELDS:
-        live = slots.get(name)
+        live = registers.get(name)
         if not live:
             continue
-        best = winner(live)
-        values[name] = best.value
-        field_hlcs[name] = best.hlc
-        top_hlc = max(top_hlc, best.hlc)
-        if len({repr(slot.value) for slot in live}) > 1:
-            ordered = tuple(sorted(live, key=lambda slot: (-slot.hlc, slot.station)))
-            conflicts.append(FieldConflict(name, best.value, ordered))
+        # Latest write wins: highest HLC, ties (different stations) by station id.
+        best_hlc, _, best_value = max(live, key=lambda slot: (slot[0], slot[1]))
+        values[name] = best_value
+        field_hlcs[name] = best_hlc
+        top_hlc = max(top_hlc, best_hlc)
+        if len(live) > 1 and len({repr(slot[2]) for slot in live}) > 1:
+            ordered = sorted(live, key=lambda slot: (-slot[0], slot[1]))
+            slots = tuple(Slot(value, hlc, station) for hlc, station, value in ordered)
+            conflicts.append(FieldConflict(name, best_value, slots))
     kind: Kind = "serial" if values["kind"] == "serial" else "bulk"
     deleted = bool(values["deleted"])
-    counters = stock_slots(raw)
-    top_hlc = max([top_hlc, *(hlc for _, hlc in counters.values())])
+    for _, counter_hlc in counters.values():
+        top_hlc = max(top_hlc, counter_hlc)
     status = str(values["status"])
     if kind == "bulk":
         stock = sum(delta for delta, _ in counters.values())
@@ -355,7 +380,7 @@ def item_view(item_id: str, raw: Mapping[str, Any]) -> ItemView:
     double_booked = (
         kind == "serial"
         and not deleted
-        and sum(1 for slot in slots.get("status", ()) if slot.value == "out") > 1
+        and sum(1 for slot in registers.get("status", ()) if slot[2] == "out") > 1
     )
     sheet = values["sheet"]
     return ItemView(
