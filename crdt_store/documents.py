@@ -142,6 +142,8 @@ def set_member(doc: Doc[Any], station: str, entry: dict[str, Any]) -> None:
     doc.get(MEMBERS_ROOT, type=Map)[station] = entry
 
 
-def members(doc: Doc[Any]) -> dict[str, Any]:
+def members(doc: Doc[Any]) -> dict[str, dict[str, Any]]:
+    """Station entries of the fleet doc; entries that are not objects (a bad peer) are
+    left out so no caller trips over them."""
     raw: dict[str, Any] = read_maps(doc, [MEMBERS_ROOT])[MEMBERS_ROOT]
-    return raw
+    return {station: entry for station, entry in raw.items() if isinstance(entry, dict)}

@@ -12,7 +12,6 @@ Everything here is pure: no pycrdt, no SQL, no clocks.
 
 from __future__ import annotations
 
-import math
 import re
 import unicodedata
 import uuid
@@ -273,25 +272,15 @@ def split_slot_key(key: str) -> tuple[str, str] | None:
 
 def _as_int(value: object) -> int | None:
     """pycrdt returns every number as a float; accept only exact integers below 2**53."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if type(value) is float:  # the common case, checked first: this runs per slot
+        return int(value) if value.is_integer() and abs(value) < 2**53 else None
+    if isinstance(value, bool) or not isinstance(value, int):
         return None
-    if not math.isfinite(value) or abs(value) >= 2**53 or int(value) != value:
-        return None
-    return int(value)
+    return value if abs(value) < 2**53 else None
 
 
-_MAX_EXACT = 2**53
 #: (hlc, station, value) of one register slot, before any Slot object is made.
 _RawSlot = tuple[int, str, FieldValue]
-
-
-def _exact_int(value: object) -> int | None:
-    """``_as_int`` with a fast path for the floats pycrdt hands back."""
-    if type(value) is float:
-        if value.is_integer() and -_MAX_EXACT < value < _MAX_EXACT:
-            return int(value)
-        return None
-    return _as_int(value)
 
 
 def _parse_slots(
@@ -312,40 +301,16 @@ def _parse_slots(
         if type(value) is not list or len(value) != 2:
             continue
         first, second = value
-        hlc = _exact_int(second)
+        hlc = _as_int(second)
         if hlc is None:
             continue
         if name == STOCK_FIELD:
-            delta = _exact_int(first)
+            delta = _as_int(first)
             if delta is not None:
                 counters[station] = (delta, hlc)
         elif name in _DEFAULTS and _fits(name, first):
             registers.setdefault(name, []).append((hlc, station, first))
     return registers, counters
-
-
-def register_slots(raw: Mapping[str, Any]) -> dict[str, list[Slot]]:
-    """The well-formed register slots of an item map, by field."""
-    registers, _ = _parse_slots(raw)
-    return {
-        name: [Slot(value, hlc, station) for hlc, station, value in live]
-        for name, live in registers.items()
-    }
-
-
-def stock_slots(raw: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
-    """The per-station ``(net stock delta, hlc of its last change)`` of an item map.
-
-    The HLC does not decide the stock (that is the sum of all deltas); it lets a cloud
-    copy keep the newest delta of each station when several bridges push at once.
-    """
-    _, counters = _parse_slots(raw)
-    return counters
-
-
-def winner(slots: list[Slot]) -> Slot:
-    """Latest write wins: highest HLC, ties (different stations) by station id."""
-    return max(slots, key=lambda slot: (slot.hlc, slot.station))
 
 
 def item_view(item_id: str, raw: Mapping[str, Any]) -> ItemView:
@@ -432,7 +397,6 @@ class Movement:
         }
 
 
-MOVEMENT_OPS = ("add", "edit", "delete", "checkout", "return", "count", "resolve")
 #: One letter per operation in the stored ledger entry (saves 7 bytes per checkout).
 _OP_CODES = {
     "add": "a",

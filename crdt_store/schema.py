@@ -111,8 +111,6 @@ MIGRATIONS: Sequence[Migration] = (
             item_id TEXT PRIMARY KEY,
             hlc INTEGER NOT NULL
         ) WITHOUT ROWID;
-        -- Items that existed before the upgrade were never pushed: queue them all.
-        INSERT INTO cloud_dirty_items (item_id, hlc) SELECT id, hlc FROM items;
         ALTER TABLE movements ADD COLUMN cloud_pushed INTEGER NOT NULL DEFAULT 0;
         CREATE INDEX movements_cloud_pending ON movements (hlc) WHERE cloud_pushed = 0;
         """,
@@ -124,6 +122,8 @@ MIGRATIONS: Sequence[Migration] = (
         -- catch-up from a peer touching 100k items is indexed a slice per commit, so the
         -- event loop never stalls for seconds, and a crash loses none of the backlog.
         CREATE TABLE index_pending (item_id TEXT PRIMARY KEY) WITHOUT ROWID;
+        -- Items indexed before the cloud outbox existed were never queued for a push.
+        INSERT OR IGNORE INTO cloud_dirty_items (item_id, hlc) SELECT id, hlc FROM items;
         """,
     ),
 )

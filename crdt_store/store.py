@@ -923,7 +923,7 @@ class Store:
         assert isinstance(name, str)
         return documents.sheet_lines(self._doc(sheet_doc(name)), name)
 
-    def fleet_members(self) -> dict[str, Any]:
+    def fleet_members(self) -> dict[str, dict[str, Any]]:
         self._check_open()
         return documents.members(self._docs[FLEET_DOC])
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from crdt_store import InvalidInput, NewItem
+from crdt_store.model import Kind
 from crdt_store.store import check_new_item
 
 COLUMNS = ("barcode", "name", "qty", "kind", "location", "category", "notes")
@@ -70,15 +71,13 @@ def parse_rows(
                 NewItem(
                     barcode=row["barcode"],
                     name=row["name"],
-                    kind="serial" if kind == "serial" else "bulk",
+                    kind=cast(Kind, kind),  # check_new_item validates it
                     qty=qty if kind != "serial" or qty else 0,
                     location=row.get("location", ""),
                     category=row.get("category", ""),
                     notes=row.get("notes", ""),
                 )
             )
-            if kind not in ("bulk", "serial"):
-                raise InvalidInput("kind", kind, "must be 'bulk' or 'serial'")
         except InvalidInput as exc:
             problems.append(RowProblem(line, str(exc)))
             continue

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from crdt_store.names import DEFAULT_SHARDS, MAX_SHARDS
+
 DEFAULT_CONFIG_FILE = Path("/etc/invsync/invsync.toml")
 DEFAULT_PORT = 7420
 SOCKET_NAME = "invsyncd.sock"
@@ -283,11 +285,11 @@ def _validate(settings: Mapping[str, Any], env: Mapping[str, str], source: Path 
     log_level = str(settings.get("log_level", "INFO")).upper()
     if log_level not in LOG_LEVELS:
         raise ConfigError("log_level", settings.get("log_level"), f"use {', '.join(LOG_LEVELS)}")
-    shard_count = settings.get("shard_count", 64)
+    shard_count = settings.get("shard_count", DEFAULT_SHARDS)
     if isinstance(shard_count, bool) or not isinstance(shard_count, int):
         raise ConfigError("shard_count", shard_count, "expected a whole number")
-    if not 1 <= shard_count <= 256:
-        raise ConfigError("shard_count", shard_count, "must be 1-256")
+    if not 1 <= shard_count <= MAX_SHARDS:
+        raise ConfigError("shard_count", shard_count, f"must be 1-{MAX_SHARDS}")
     skew = parse_duration("max_clock_skew", settings.get("max_clock_skew", 300.0))
     anti_entropy = parse_duration(
         "anti_entropy_interval", settings.get("anti_entropy_interval", 30.0)

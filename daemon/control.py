@@ -1,7 +1,7 @@
 """The control API: HTTP/JSON on the station's Unix socket.
 
 One endpoint per CLI command. The CLI is its main client; scripts may use it too (see
-docs/api.md). Every error is JSON, ``{"error": {"code": ..., "message": ...}}``, with an
+docs/cli.md). Every error is JSON, ``{"error": {"code": ..., "message": ...}}``, with an
 HTTP status that says whose fault it is (4xx: the request, 5xx: the station). Handlers
 only translate between JSON and the store: the rules live in ``crdt_store``.
 """
@@ -16,7 +16,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -33,6 +33,7 @@ from crdt_store import (
     StoreError,
     WrongState,
 )
+from crdt_store.model import Kind
 
 from .catalog import RowProblem, parse_rows
 from .config import Config
@@ -219,18 +220,15 @@ class ControlApi:
 
     async def add_item(self, request: web.Request) -> web.Response:
         data = await _body(request)
-        kind = _text(data, "kind", "bulk")
         new = NewItem(
             barcode=_text(data, "barcode", "") or "",
             name=_text(data, "name", "") or "",
-            kind="serial" if kind == "serial" else "bulk",
+            kind=cast(Kind, _text(data, "kind", "bulk")),  # check_new_item validates it
             qty=_int(data, "qty", 0),
             location=_text(data, "location", "") or "",
             category=_text(data, "category", "") or "",
             notes=_text(data, "notes", "") or "",
         )
-        if kind not in ("bulk", "serial"):
-            raise InvalidInput("kind", kind, "must be 'bulk' or 'serial'")
         if await self.store.find(new.barcode) and not data.get("allow_duplicate"):
             raise ApiError(409, "exists", f"an item with barcode {new.barcode!r} already exists")
         view = await self.store.add_item(new, operator=_text(data, "operator", "") or "")
@@ -403,7 +401,6 @@ class ControlApi:
                 "members": [
                     {"station_id": sid, "name": entry.get("name", "")}
                     for sid, entry in sorted(members.items())
-                    if isinstance(entry, dict)
                 ],
             }
         )
