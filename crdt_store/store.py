@@ -698,44 +698,7 @@ class Store:
         op_id: str | None = None,
     ) -> ItemView:
         """Send units out, optionally onto a pull sheet (``op_id``: see ``_replayed``)."""
-        self._check_open()
-        operator = _check_operator(operator)
-        qty = check_qty(qty)
-        sheet_name = check_field("sheet", sheet) if sheet is not None else None
-        assert sheet_name is None or isinstance(sheet_name, str)
-        if (done := await self._replayed(op_id, item_id)) is not None:
-            return done
-        view = self._live_view(item_id)
-        hlc = self._tick()
-        if view.kind == "serial":
-            if qty != 1:
-                raise InvalidInput("qty", qty, "a serialized unit is checked out one at a time")
-            if view.status != "in":
-                where = f" on sheet {view.sheet}" if view.sheet else ""
-                raise WrongState(view.barcode, f"unit is {view.status}{where}, not in")
-            self._write_item(item_id, hlc, registers={"status": "out", "sheet": sheet_name})
-            view = self._settled_view(item_id)
-        else:
-            if qty > view.stock:
-                raise InsufficientStock(view.barcode, qty, max(view.stock, 0))
-            view = self._write_stock(view, -qty, hlc)
-        if sheet_name is not None:
-            self._add_to_sheet(sheet_name, item_id, qty)
-        self._append_movements(
-            [
-                self._movement(
-                    view,
-                    op="checkout",
-                    hlc=hlc,
-                    operator=operator,
-                    qty=qty,
-                    sheet=sheet_name,
-                    op_id=op_id,
-                )
-            ]
-        )
-        await self._commit()
-        return view
+        return await self._move_units(item_id, qty, sheet, operator, op_id, out=True)
 
     async def return_units(
         self,
@@ -747,6 +710,19 @@ class Store:
         op_id: str | None = None,
     ) -> ItemView:
         """Bring units back in (a serialized unit also leaves its sheet)."""
+        return await self._move_units(item_id, qty, sheet, operator, op_id, out=False)
+
+    async def _move_units(
+        self,
+        item_id: str,
+        qty: int,
+        sheet: str | None,
+        operator: str,
+        op_id: str | None,
+        *,
+        out: bool,
+    ) -> ItemView:
+        """A checkout (``out``) or a return: the same steps, mirrored."""
         self._check_open()
         operator = _check_operator(operator)
         qty = check_qty(qty)
@@ -758,29 +734,36 @@ class Store:
         hlc = self._tick()
         if view.kind == "serial":
             if qty != 1:
-                raise InvalidInput("qty", qty, "a serialized unit is returned one at a time")
-            if view.status == "in":
+                verb = "checked out" if out else "returned"
+                raise InvalidInput("qty", qty, f"a serialized unit is {verb} one at a time")
+            if out and view.status != "in":
+                where = f" on sheet {view.sheet}" if view.sheet else ""
+                raise WrongState(view.barcode, f"unit is {view.status}{where}, not in")
+            if not out and view.status == "in":
                 raise WrongState(view.barcode, "unit is already in")
-            sheet_name = sheet_name or view.sheet
-            self._write_item(item_id, hlc, registers={"status": "in", "sheet": None})
+            if out:
+                registers: dict[str, object] = {"status": "out", "sheet": sheet_name}
+            else:
+                sheet_name = sheet_name or view.sheet
+                registers = {"status": "in", "sheet": None}
+            self._write_item(item_id, hlc, registers=registers)
             view = self._settled_view(item_id)
         else:
-            view = self._write_stock(view, qty, hlc)
+            if out and qty > view.stock:
+                raise InsufficientStock(view.barcode, qty, max(view.stock, 0))
+            view = self._write_stock(view, -qty if out else qty, hlc)
         if sheet_name is not None:
-            self._add_to_sheet(sheet_name, item_id, -qty)
-        self._append_movements(
-            [
-                self._movement(
-                    view,
-                    op="return",
-                    hlc=hlc,
-                    operator=operator,
-                    qty=qty,
-                    sheet=sheet_name,
-                    op_id=op_id,
-                )
-            ]
+            self._add_to_sheet(sheet_name, item_id, qty if out else -qty)
+        movement = self._movement(
+            view,
+            op="checkout" if out else "return",
+            hlc=hlc,
+            operator=operator,
+            qty=qty,
+            sheet=sheet_name,
+            op_id=op_id,
         )
+        self._append_movements([movement])
         await self._commit()
         return view
 
