@@ -23,7 +23,7 @@ from collections.abc import Callable
 from importlib import metadata
 from typing import Any
 
-from bench import stations, store
+from bench import cloud, stations, store, tls
 
 Json = dict[str, Any]
 Runner = Callable[[argparse.Namespace], Json]
@@ -34,6 +34,8 @@ BENCHMARKS: dict[str, Runner] = {
     "daemon": stations.run_daemon,
     "sync": stations.run_sync,
     "partition": stations.run_partition,
+    "cloud": cloud.run,
+    "tls": tls.run,
 }
 
 

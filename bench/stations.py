@@ -30,9 +30,11 @@ import aiohttp
 from cli.client import ControlClient
 from tests import netns
 from tests.daemon_harness import INVSYNC, Daemon, short_dir
+from tests.fleet_ca import FleetCA
 
 Json = dict[str, Any]
-FLEET = "BENCHBENCHBENCH2"
+#: Every benchmark station is enrolled offline in this one fleet.
+FLEET = FleetCA()
 
 
 def _log(message: str) -> None:
@@ -56,8 +58,7 @@ def _target(name: str, measured: float, limit: float, *, higher_is_better: bool 
 
 def _station(base: Path, name: str, *extra: str) -> Daemon:
     data = base / name
-    data.mkdir(mode=0o700)
-    (data / "fleet.id").write_text(FLEET + "\n")
+    FLEET.enroll(data)
     return Daemon(data, base / f"{name}.sock", *extra, name=name)
 
 

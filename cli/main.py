@@ -9,6 +9,7 @@ Heavy imports (pycrdt, aiohttp) stay out of this path so the CLI starts fast.
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import json
 import os
 import sys
@@ -129,6 +130,11 @@ def status(ctx: Context) -> None:
             f"Items     {data['items']}",
             f"Conflicts {data['conflicts']}    Alerts {data['alerts']}",
         ]
+        fleet = data.get("fleet", {})
+        if fleet.get("available"):
+            admin = ", holds the fleet CA" if fleet.get("holds_ca") else ""
+            revoked = f", {fleet['revoked']} revoked" if fleet.get("revoked") else ""
+            lines.append(f"Fleet     {fleet['id']}{admin}{revoked}")
         peers = data.get("peers", {})
         if peers.get("available"):
             synced = "in sync" if peers.get("in_sync") else f"{peers.get('lacking', 0)} to send"
@@ -139,7 +145,7 @@ def status(ctx: Context) -> None:
         else:
             lines.append("Peers     peer sync is not running")
         cloud = data.get("cloud", {})
-        lines.append("Cloud     " + ("configured" if cloud.get("configured") else "not configured"))
+        lines.append("Cloud     " + _cloud_line(cloud))
         for warning in data.get("clock_warnings", []):
             lines.append(
                 f"WARNING   station {warning['station']} clock is "
@@ -155,7 +161,10 @@ def status(ctx: Context) -> None:
 def peers(ctx: Context) -> None:
     """List the other stations of the fleet and their sync state."""
     data = ctx.call("GET", "peers")
-    ctx.emit(data, lambda: output.peers_table(data["peers"]))
+    ctx.emit(
+        data,
+        lambda: output.peers_table(data["peers"]) + output.refusals(data.get("refused", [])),
+    )
 
 
 @main.command()
@@ -664,71 +673,298 @@ def fleet() -> None:
 @fleet.command("id")
 @pass_ctx
 def fleet_id(ctx: Context) -> None:
-    """Print this station's id."""
+    """Print this station's id (what 'fleet revoke' takes); --json adds the fleet's id
+    and whether this station holds the fleet CA."""
     data = ctx.call("GET", "fleet")
-    ctx.emit({"station_id": data["station_id"], "name": data["name"]}, data["station_id"])
+    summary = {k: data[k] for k in ("station_id", "name", "fleet_id", "holds_ca")}
+    ctx.emit(summary, data["station_id"])
 
 
 @fleet.command("members")
 @pass_ctx
 def fleet_members(ctx: Context) -> None:
-    """List the stations of the fleet."""
+    """List the stations of the fleet: enrolled when, last seen, revoked."""
     data = ctx.call("GET", "fleet")
-    rows = [(m["station_id"], m["name"]) for m in data["members"]]
-    ctx.emit({"members": data["members"]}, lambda: output.table(("STATION", "NAME"), rows))
+    ctx.emit({"members": data["members"]}, lambda: output.members_table(data["members"]))
 
 
 @fleet.command("invite")
-@click.option("--expires", default="15m", show_default=True)
+@click.option("--expires", default="15m", show_default=True, help="e.g. 15m, 2h, 1d (max 7d).")
+@click.option(
+    "--address",
+    "addresses",
+    multiple=True,
+    help="HOST:PORT the new station should reach this one at (default: this station's).",
+)
 @pass_ctx
-def fleet_invite(ctx: Context, expires: str) -> None:
-    """Print a one-time token that lets a new station join."""
-    data = ctx.call("POST", "fleet/invite", {"expires": expires})
-    ctx.emit(data, str(data.get("token")))
+def fleet_invite(ctx: Context, expires: str, addresses: tuple[str, ...]) -> None:
+    """Print a one-time token that lets a new station join (needs the fleet CA)."""
+    data = ctx.call("POST", "fleet/invite", {"expires": expires, "addresses": list(addresses)})
+    until = output.moment(data["expires_at"])
+    short = (
+        f"Short form for a QR code or typing:\n\n  {data['short']}\n\n" if data.get("short") else ""
+    )
+    ctx.emit(
+        data,
+        f"Join token (single use, expires {until}):\n\n  {data['token']}\n\n{short}"
+        "On the new station run: invsync fleet join TOKEN",
+    )
 
 
 @fleet.command("join")
 @click.argument("token")
+@click.option("--force", is_flag=True, help="Leave a fleet whose CA this station holds.")
 @pass_ctx
-def fleet_join(ctx: Context, token: str) -> None:
-    """Join the fleet that issued TOKEN."""
-    data = ctx.call("POST", "fleet/join", {"token": token})
-    ctx.emit(data, "Joined the fleet")
+def fleet_join(ctx: Context, token: str, force: bool) -> None:
+    """Join the fleet that issued TOKEN; this station's items merge into it."""
+    data = ctx.call("POST", "fleet/join", {"token": token, "force": force})
+    ctx.emit(data, f"Joined fleet {data['fleet_id']} via {data['via']}; syncing with it now.")
 
 
 @fleet.command("revoke")
 @click.argument("station_id")
 @pass_ctx
 def fleet_revoke(ctx: Context, station_id: str) -> None:
-    """Cut STATION_ID off the fleet."""
+    """Cut STATION_ID off the fleet (needs the fleet CA); every station refuses it."""
     data = ctx.call("POST", "fleet/revoke", {"station_id": station_id})
-    ctx.emit(data, f"Revoked {station_id}")
+    ctx.emit(data, f"Revoked {station_id}; the fleet will refuse it from now on.")
+
+
+def _passphrase(passphrase_file: str | None, *, confirm: bool) -> str:
+    if passphrase_file is not None:
+        try:
+            with open(passphrase_file, encoding="utf-8") as handle:
+                return handle.readline().rstrip("\r\n")
+        except OSError as exc:
+            raise click.UsageError(f"cannot read {passphrase_file}: {exc.strerror}") from exc
+    text: str = click.prompt(
+        "Passphrase for the CA key", hide_input=True, confirmation_prompt=confirm, err=True
+    )
+    return text
+
+
+@fleet.command("export-ca")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--passphrase-file", type=click.Path(dir_okay=False), help="First line: passphrase.")
+@pass_ctx
+def fleet_export_ca(ctx: Context, file: str, passphrase_file: str | None) -> None:
+    """Write the fleet CA (key encrypted with a passphrase) to FILE for another admin."""
+    passphrase = _passphrase(passphrase_file, confirm=True)
+    data = ctx.call("POST", "fleet/export-ca", {"passphrase": passphrase})
+    try:
+        fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise click.UsageError(f"{file} exists; choose a new file name") from None
+    except OSError as exc:
+        raise click.UsageError(f"cannot create {file}: {exc.strerror}") from exc
+    with os.fdopen(fd, "w", encoding="ascii") as handle:
+        handle.write(data["pem"])
+    ctx.emit({"file": file}, f"Wrote the fleet CA to {file} (mode 0600). Keep it safe.")
+
+
+@fleet.command("import-ca")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--passphrase-file", type=click.Path(dir_okay=False), help="First line: passphrase.")
+@pass_ctx
+def fleet_import_ca(ctx: Context, file: str, passphrase_file: str | None) -> None:
+    """Make this station an admin station with a CA written by 'fleet export-ca'."""
+    with open(file, encoding="ascii", errors="replace") as handle:
+        pem = handle.read(64 * 1024)
+    passphrase = _passphrase(passphrase_file, confirm=False)
+    data = ctx.call("POST", "fleet/import-ca", {"pem": pem, "passphrase": passphrase})
+    ctx.emit(data, f"This station now holds the CA of fleet {data['fleet_id']}.")
 
 
 @main.group()
 def cloud() -> None:
-    """The Supabase/Postgres cloud bridge."""
+    """The Supabase/Postgres cloud bridge (see docs/cloud.md)."""
+
+
+def _cloud_when(stamp: str | None) -> str:
+    """An ISO time from the daemon as local wall-clock time, or 'never'."""
+    if not stamp:
+        return "never"
+    moment = dt.datetime.fromisoformat(stamp).astimezone()
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _cloud_line(cloud: dict[str, Any]) -> str:
+    """The cloud part of ``invsync status``."""
+    if not cloud.get("configured"):
+        return "not configured"
+    backlog = cloud.get("backlog", {})
+    text = (
+        f"{cloud.get('transport')}, {str(cloud.get('state')).replace('_', ' ')}; "
+        f"{backlog.get('items', 0)} items and {backlog.get('movements', 0)} movements to push"
+    )
+    if cloud.get("parked_count"):
+        text += f"; {cloud['parked_count']} parked"
+    if cloud.get("next_retry"):
+        text += f"; retry at {_cloud_when(cloud['next_retry'])}"
+    return text
+
+
+def _cloud_status_text(data: dict[str, Any]) -> str:
+    if not data.get("configured"):
+        return (
+            "Cloud bridge not configured on this station "
+            "(set [cloud] url or INVSYNC_CLOUD_URL; see docs/cloud.md)."
+        )
+    backlog = data["backlog"]
+    state = str(data["state"]).replace("_", " ")
+    activity = data.get("activity")
+    if activity and activity["kind"] == "push" and activity["total"]:
+        state += f" ({activity['items'] + activity['movements']} of {activity['total']} rows)"
+    last_push = data.get("last_push") or {}
+    last_pull = data.get("last_pull") or {}
+    lines = [
+        f"Cloud       {data['transport']}  {data['url']}",
+        f"Fleet       {data['fleet']}",
+        f"State       {state}",
+        f"Backlog     {backlog['items']} items, {backlog['movements']} movements",
+        f"Parked      {data['parked_count']} rows",
+        f"Last push   {_cloud_when(last_push.get('finished_at') if last_push.get('ok') else None)}",
+        f"Last pull   {_cloud_when(last_pull.get('finished_at') if last_pull.get('ok') else None)}",
+    ]
+    if data.get("last_error"):
+        error = data["last_error"]
+        lines.append(f"Last error  {error['message']} ({_cloud_when(error['at'])})")
+    if data.get("next_retry"):
+        lines.append(f"Next retry  {_cloud_when(data['next_retry'])}")
+    if data.get("parked"):
+        lines.append("")
+        lines.append("Parked rows (the cloud refused them; retried when the item changes or")
+        lines.append("by 'invsync cloud push'):")
+        rows = [(p["kind"], p["barcode"], p["id"], p["error"]) for p in data["parked"]]
+        lines.append(output.table(("KIND", "BARCODE", "ID", "ERROR"), rows))
+    return "\n".join(lines)
 
 
 @cloud.command("status")
 @pass_ctx
 def cloud_status(ctx: Context) -> None:
-    """Whether the bridge is configured and how far behind it is."""
+    """Whether the bridge is configured, its backlog, parked rows and last error."""
     data = ctx.call("GET", "cloud")
-    ctx.emit(data, "Cloud bridge " + ("configured" if data.get("configured") else "not configured"))
+    ctx.emit(data, lambda: _cloud_status_text(data))
+
+
+def _cloud_run(ctx: Context, kind: str, timeout: float) -> dict[str, Any]:
+    """Start a push or pull in the daemon and follow it until it is done."""
+    run = str(ctx.call("POST", f"cloud/{kind}", {"wait": False})["run"])
+    deadline = time.monotonic() + timeout
+    show = sys.stderr.isatty() and not ctx.as_json
+    verb = "Pushing" if kind == "push" else "Pulling"
+    while True:
+        report = ctx.call("GET", "cloud").get("runs", {}).get(run)
+        if report is None:
+            raise click.ClickException(f"the daemon forgot {kind} run {run}")
+        if show:
+            if kind == "push":
+                done = report["items"] + report["movements"] + report["parked"]
+                line = f"{verb}: {done} of {report['total']} rows"
+            else:
+                line = f"{verb}: {report['changes']} web edits"
+            click.echo(f"\r{line}   ", nl=False, err=True)
+        if report["done"]:
+            break
+        if time.monotonic() >= deadline:
+            if show:
+                click.echo(err=True)
+            click.echo(
+                f"invsync: the {kind} is still running after {timeout:g}s; "
+                "see 'invsync cloud status'",
+                err=True,
+            )
+            sys.exit(EXIT_FAILED)
+        time.sleep(0.2)
+    if show:
+        click.echo(err=True)
+    return dict(report)
 
 
 @cloud.command("push")
+@click.option("--timeout", type=click.FloatRange(1, 86400), default=600.0, show_default=True)
 @pass_ctx
-def cloud_push(ctx: Context) -> None:
-    """Push every pending change to the cloud now."""
-    data = ctx.call("POST", "cloud/push", {})
-    ctx.emit(data, json.dumps(data))
+def cloud_push(ctx: Context, timeout: float) -> None:
+    """Push every pending change to the cloud now (parked rows are tried again)."""
+    report = _cloud_run(ctx, "push", timeout)
+
+    def human() -> str:
+        if not report["ok"]:
+            return f"Push failed: {report['error']}\nThe station keeps its changes and retries."
+        text = f"Pushed {report['items']} items and {report['movements']} movements."
+        if report["parked"]:
+            text += (
+                f"\n{report['parked']} rows were refused by the cloud and parked: "
+                "see 'invsync cloud status'."
+            )
+        return text
+
+    ctx.emit(report, human)
+    if not report["ok"] or report["parked"]:
+        sys.exit(EXIT_FAILED)
 
 
 @cloud.command("pull")
+@click.option("--timeout", type=click.FloatRange(1, 86400), default=600.0, show_default=True)
 @pass_ctx
-def cloud_pull(ctx: Context) -> None:
+def cloud_pull(ctx: Context, timeout: float) -> None:
     """Pull web edits from the cloud now."""
-    data = ctx.call("POST", "cloud/pull", {})
-    ctx.emit(data, json.dumps(data))
+    report = _cloud_run(ctx, "pull", timeout)
+
+    def human() -> str:
+        if not report["ok"]:
+            return f"Pull failed: {report['error']}"
+        return f"Pulled {report['changes']} web edits ({report['items']} items changed)."
+
+    ctx.emit(report, human)
+    if not report["ok"]:
+        sys.exit(EXIT_FAILED)
+
+
+@cloud.command("migrate")
+@click.argument("dsn", required=False, metavar="POSTGRESQL_URL")
+@pass_ctx
+def cloud_migrate(ctx: Context, dsn: str | None) -> None:
+    """Create or upgrade the cloud tables and functions (admin connection string).
+
+    POSTGRESQL_URL defaults to $INVSYNC_CLOUD_URL. Runs here, not in the daemon.
+    """
+    dsn = dsn or os.environ.get("INVSYNC_CLOUD_URL")
+    if not dsn:
+        raise click.UsageError("give the database's admin URL: postgresql://postgres:...@host/db")
+    if not dsn.startswith(("postgresql://", "postgres://")):
+        raise click.UsageError(
+            "migrations need a postgresql:// admin connection string (for Supabase: "
+            "Project Settings > Database, user postgres), or paste cloud_bridge/sql/*.sql "
+            "into the SQL editor in order"
+        )
+    # Only this command needs asyncio, asyncpg and the SQL files: keep them off every
+    # other path.
+    import asyncio  # noqa: PLC0415
+
+    from cloud_bridge.migrate import MigrationFailed, migrate  # noqa: PLC0415
+    from cloud_bridge.postgres import redact  # noqa: PLC0415
+    from cloud_bridge.transport import CloudError  # noqa: PLC0415
+
+    try:
+        applied = asyncio.run(migrate(dsn))
+    except MigrationFailed as exc:
+        _cloud_fail(ctx, "migration_failed", str(exc))
+    except CloudError as exc:
+        _cloud_fail(ctx, "unavailable", str(exc))
+    data = {"database": redact(dsn), "applied": applied}
+    ctx.emit(
+        data,
+        f"Applied {', '.join(applied)} to {redact(dsn)}."
+        if applied
+        else f"{redact(dsn)} is up to date; nothing to apply.",
+    )
+
+
+def _cloud_fail(ctx: Context, code: str, message: str) -> NoReturn:
+    if ctx.as_json:
+        click.echo(json.dumps({"error": {"code": code, "message": message}}))
+    else:
+        click.echo(f"invsync: {message}", err=True)
+    sys.exit(EXIT_FAILED)

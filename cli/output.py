@@ -139,5 +139,44 @@ def peers_table(peers: Sequence[Mapping[str, Any]]) -> str:
     )
 
 
+def moment(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "-"
+    return dt.datetime.fromtimestamp(timestamp, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def refusals(refused: Sequence[Mapping[str, Any]]) -> str:
+    """Connections refused for who the peer was (another fleet, revoked, not TLS...)."""
+    if not refused:
+        return ""
+    rows = [
+        (
+            moment(r["at"]),
+            r["direction"],
+            r["address"],
+            r.get("station_id") or "?",
+            r["reason"],
+        )
+        for r in refused
+    ]
+    return "\n\nRefused connections:\n" + table(
+        ("WHEN", "DIRECTION", "ADDRESS", "STATION", "REASON"), rows
+    )
+
+
+def members_table(members: Sequence[Mapping[str, Any]]) -> str:
+    rows = [
+        (
+            m["station_id"] + (" *" if m.get("this_station") else ""),
+            m["name"],
+            moment(m["enrolled_at"]),
+            moment(m["last_seen"]),
+            "revoked " + moment(m["revoked_at"]) if m["revoked"] else "",
+        )
+        for m in members
+    ]
+    return table(("STATION", "NAME", "ENROLLED", "LAST SEEN", "REVOKED"), rows)
+
+
 def warn(message: str) -> None:
     click.echo(click.style(message, fg="yellow"), err=True)

@@ -14,7 +14,9 @@ are laid out inside Yjs documents:
 - a ledger day holds one root Array per station, ``moves@<station>``, that only that
   station appends to;
 - a pull sheet is a root Map named by the sheet, with per-station counters of units out;
-- the fleet doc has a ``members`` Map where each station writes only its own entry.
+- the fleet doc has a ``members`` Map where each station writes only its own entry (name,
+  last seen), an ``enrollments`` Map written by the station that enrolled each member, and a
+  ``revocations`` Map of CA-signed entries.
 
 No SQL and no clocks here: the caller passes HLC values in.
 """
@@ -31,6 +33,11 @@ from .model import STOCK_FIELD, Movement, movement_to_raw, slot_key, split_slot_
 
 CHANGES_ROOT = "~changes"
 MEMBERS_ROOT = "members"
+#: Written by a station holding the fleet CA when it enrolls a station.
+ENROLLMENTS_ROOT = "enrollments"
+#: CA-signed revocation entries (verified by the daemon, not here).
+REVOCATIONS_ROOT = "revocations"
+FLEET_ROOTS = (MEMBERS_ROOT, ENROLLMENTS_ROOT, REVOCATIONS_ROOT)
 MOVES_PREFIX = "moves@"
 
 
@@ -74,6 +81,36 @@ def write_register(item: Map[Any], station: str, field: str, value: object, hlc:
     for key in [key for key in list(item.keys()) if key.startswith(prefix) and key != own]:
         del item[key]
     item[own] = [value, hlc]
+
+
+def write_register_if_newer(
+    item: Map[Any], station: str, field: str, value: object, hlc: int
+) -> bool:
+    """``write_register`` unless a slot of the field we hold is as new as ``hlc``.
+
+    For writes stamped elsewhere (web edits carry the cloud's HLC): a slot written after
+    them, or the same edit applied before, wins by HLC, so nothing is overwritten back.
+    """
+    prefix = field + "@"
+    for key in list(item.keys()):
+        if key.startswith(prefix):
+            slot = item[key]
+            if type(slot) is list and len(slot) == 2 and _newer_or_equal(slot[1], hlc):
+                return False
+    write_register(item, station, field, value, hlc)
+    return True
+
+
+def slot_hlc(item: Map[Any], key: str) -> int | None:
+    """The HLC of one slot, if it holds a well-formed ``[value, hlc]``."""
+    slot = item.get(key)
+    if type(slot) is list and len(slot) == 2 and isinstance(slot[1], int | float):
+        return int(slot[1])
+    return None
+
+
+def _newer_or_equal(stored: object, hlc: int) -> bool:
+    return isinstance(stored, int | float) and not isinstance(stored, bool) and stored >= hlc
 
 
 def add_stock(item: Map[Any], station: str, delta: int, current_own: int, hlc: int) -> None:
@@ -138,12 +175,14 @@ def sheet_lines(doc: Doc[Any], sheet: str) -> dict[str, int]:
     return {item: qty for item, qty in totals.items() if qty}
 
 
-def set_member(doc: Doc[Any], station: str, entry: dict[str, Any]) -> None:
-    doc.get(MEMBERS_ROOT, type=Map)[station] = entry
+def set_fleet_entry(doc: Doc[Any], root: str, station: str, entry: dict[str, Any]) -> None:
+    doc.get(root, type=Map)[station] = entry
 
 
-def members(doc: Doc[Any]) -> dict[str, dict[str, Any]]:
-    """Station entries of the fleet doc; entries that are not objects (a bad peer) are
-    left out so no caller trips over them."""
-    raw: dict[str, Any] = read_maps(doc, [MEMBERS_ROOT])[MEMBERS_ROOT]
+def fleet_entries(doc: Doc[Any], root: str) -> dict[str, dict[str, Any]]:
+    """Station entries of one map of the fleet doc; entries that are not objects (a bad
+    peer) are left out so no caller trips over them."""
+    if root not in set(doc.keys()):
+        return {}
+    raw: dict[str, Any] = read_maps(doc, [root])[root]
     return {station: entry for station, entry in raw.items() if isinstance(entry, dict)}

@@ -86,9 +86,13 @@ def view_statements(views: Sequence[ItemView]) -> list[Statement]:
             "INSERT INTO alerts (item_id, kind) VALUES (?, ?)",
             [(view.id, kind) for view in views for kind in view.alerts],
         ),
+        # The mark only ever rises while an item waits, even when a peer's late write
+        # changes the view without raising its HLC: the cloud bridge confirms a push by
+        # the mark it read, so a change during the push keeps the item marked.
         (
             "INSERT INTO cloud_dirty_items (item_id, hlc) VALUES (?, ?) "
-            "ON CONFLICT (item_id) DO UPDATE SET hlc = excluded.hlc",
+            "ON CONFLICT (item_id) DO UPDATE SET "
+            "hlc = max(excluded.hlc, cloud_dirty_items.hlc + 1)",
             [(view.id, view.hlc) for view in views],
         ),
     ]

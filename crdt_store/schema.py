@@ -126,6 +126,26 @@ MIGRATIONS: Sequence[Migration] = (
         INSERT OR IGNORE INTO cloud_dirty_items (item_id, hlc) SELECT id, hlc FROM items;
         """,
     ),
+    Migration(
+        "005_cloud_bridge_state",
+        """
+        -- The cloud bridge's own durable state: which database it pushes to and the
+        -- cursor of the web edits it has pulled ('target', 'cursor').
+        CREATE TABLE cloud_state (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+        -- Rows the cloud rejected for their data (found by bisecting a batch): kept out
+        -- of the push until the item changes again or a manual push retries them.
+        -- kind is 'item' or 'movement'; mark is the dirty mark the item was parked at.
+        CREATE TABLE cloud_parked (
+            kind TEXT NOT NULL,
+            row_id TEXT NOT NULL,
+            barcode TEXT NOT NULL,
+            mark INTEGER NOT NULL,
+            error TEXT NOT NULL,
+            parked_at_ms INTEGER NOT NULL,
+            PRIMARY KEY (kind, row_id)
+        ) WITHOUT ROWID;
+        """,
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

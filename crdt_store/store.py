@@ -23,6 +23,7 @@ import re
 import secrets
 import sqlite3
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -33,7 +34,8 @@ import aiosqlite
 import pycrdt
 from pycrdt import Doc, MapEvent, TransactionEvent
 
-from . import documents, index
+from . import cloud, documents, index
+from .cloud import CloudBacklog, CloudEdit, DirtyItem, ParkedKind, ParkedRow
 from .errors import (
     AmbiguousBarcode,
     CorruptUpdate,
@@ -91,6 +93,8 @@ _SKEW_LOG_INTERVAL_MS = 600_000
 _RECENT_OPS = 10_000
 #: Most item views resolved in one commit for changes that came from peers.
 INDEX_SLICE = 2000
+#: Namespace of the movement ids of web edits (uuid5 of item, change and HLC).
+_WEB_EDITS = uuid.UUID("6f1c9a52-3d4e-5b8a-9c1f-2e7d0b4a8c63")
 _OP_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
@@ -136,9 +140,11 @@ class _Batch:
     movements: list[Movement] = field(default_factory=list)
     ledger_progress: dict[tuple[str, str], int] = field(default_factory=dict)
     compact: set[str] = field(default_factory=set)
+    #: Cloud bridge bookkeeping (confirmed pushes, parked rows, the pull cursor).
+    cloud: list[index.Statement] = field(default_factory=list)
 
     def is_empty(self) -> bool:
-        return not (self.updates or self.touched or self.movements or self.compact)
+        return not (self.updates or self.touched or self.movements or self.compact or self.cloud)
 
 
 class Store:
@@ -835,13 +841,26 @@ class Store:
             documents.add_to_sheet(doc, sheet, item_id, self.station_id, delta)
 
     async def set_station_name(self, name: str) -> None:
-        """Publish this station's display name in the fleet document."""
+        """Publish this station's display name, and that it is alive now, in the fleet
+        document (``fleet members`` shows both)."""
         self._check_open()
         if not isinstance(name, str) or not name.strip() or len(name) > 64:
             raise InvalidInput("station name", name, "use 1-64 characters")
         doc = self._docs[FLEET_DOC]
+        entry = {"name": name.strip(), "hlc": self._tick(), "seen": self._now_ms()}
         with doc.transaction(origin=LOCAL):
-            documents.set_member(doc, self.station_id, {"name": name.strip(), "hlc": self._tick()})
+            documents.set_fleet_entry(doc, documents.MEMBERS_ROOT, self.station_id, entry)
+        await self._commit()
+
+    async def record_fleet_entry(self, root: str, station: str, entry: dict[str, Any]) -> None:
+        """Write another station's enrollment or revocation entry into the fleet doc (the
+        daemon signs and checks them; the store only keeps and replicates them)."""
+        self._check_open()
+        if root not in (documents.ENROLLMENTS_ROOT, documents.REVOCATIONS_ROOT):
+            raise InvalidInput("fleet entry", root, "enrollments or revocations")
+        doc = self._docs[FLEET_DOC]
+        with doc.transaction(origin=LOCAL):
+            documents.set_fleet_entry(doc, root, check_station_id(station), dict(entry))
         await self._commit()
 
     # ------------------------------------------------------------------ queries
@@ -907,8 +926,12 @@ class Store:
         return documents.sheet_lines(self._doc(sheet_doc(name)), name)
 
     def fleet_members(self) -> dict[str, dict[str, Any]]:
+        return self.fleet_entries(documents.MEMBERS_ROOT)
+
+    def fleet_entries(self, root: str) -> dict[str, dict[str, Any]]:
+        """One map of the fleet doc: ``members``, ``enrollments`` or ``revocations``."""
         self._check_open()
-        return documents.members(self._docs[FLEET_DOC])
+        return documents.fleet_entries(self._docs[FLEET_DOC], root)
 
     def clock_warnings(self) -> list[SkewedStation]:
         """Stations seen with clocks too far ahead (reported in status and logs)."""
@@ -1047,6 +1070,170 @@ class Store:
                 # One snapshot per commit keeps each event-loop stall to one document.
                 await self._commit()
 
+    # ------------------------------------------------------------------ cloud bridge seam
+    # The outbox of the cloud bridge and the web edits it brings back (see cloud.py).
+
+    async def cloud_dirty_items(self, limit: int = 300, *, after: str = "") -> list[DirtyItem]:
+        """Items changed since their last confirmed push, with the mark to confirm by."""
+        self._check_open()
+        return await cloud.dirty_items(self._reader, limit, after)
+
+    async def cloud_pending_movements(self, limit: int = 300) -> list[Movement]:
+        """Movements not yet pushed (from every station), oldest first."""
+        self._check_open()
+        return await cloud.pending_movements(self._reader, limit)
+
+    async def cloud_confirm(
+        self, items: Iterable[tuple[str, int]], movements: Iterable[str] = ()
+    ) -> None:
+        """The cloud holds these ``(item id, mark)`` and movements: take them off the
+        outbox. An item whose mark rose meanwhile (edited during the push) stays on it."""
+        self._check_open()
+        self._batch.cloud.extend(cloud.confirm_statements(items, movements))
+        await self._commit()
+
+    async def cloud_park(
+        self, kind: ParkedKind, row_id: str, *, barcode: str, mark: int, error: str
+    ) -> None:
+        """Keep a row the cloud rejected for its data out of the push (see cloud.py)."""
+        self._check_open()
+        self._batch.cloud.extend(
+            cloud.park_statements(
+                kind, row_id, barcode=barcode, mark=mark, error=error, now_ms=self._now_ms()
+            )
+        )
+        await self._commit()
+
+    async def cloud_retry_parked(self) -> int:
+        """Put every parked row back on the outbox; returns how many there were."""
+        self._check_open()
+        count = (await cloud.backlog(self._reader)).parked
+        if count:
+            self._batch.cloud.extend(cloud.retry_parked_statements())
+            await self._commit()
+        return count
+
+    async def cloud_parked(self) -> list[ParkedRow]:
+        self._check_open()
+        return await cloud.parked(self._reader)
+
+    async def cloud_backlog(self) -> CloudBacklog:
+        self._check_open()
+        return await cloud.backlog(self._reader)
+
+    async def cloud_cursor(self) -> str | None:
+        """Where the last pull of web edits ended (``None``: never pulled)."""
+        self._check_open()
+        return await cloud.state(self._reader, "cursor")
+
+    async def cloud_use_target(self, target: str) -> bool:
+        """Bind the outbox to one cloud database and fleet (``target``, no secrets in it).
+
+        For another target than before, every item and movement is to push again and the
+        pull starts over. Returns whether that happened.
+        """
+        self._check_open()
+        if await cloud.state(self._reader, "target") == target:
+            return False
+        self._batch.cloud.extend(cloud.new_target_statements(target))
+        await self._commit()
+        return True
+
+    async def apply_cloud_edits(
+        self, edits: Sequence[CloudEdit], *, cursor: str | None = None
+    ) -> list[ItemView]:
+        """Write web edits as writer ``cloud`` with the cloud's HLCs; returns the views of
+        items that changed. ``cursor`` is stored in the same commit, so a crash never
+        skips an edit (one may be seen twice, and applying it again changes nothing).
+
+        Each field is written only if no slot of it is as new as the edit: a later
+        station edit wins by HLC, as it does in the cloud. A web ``stock`` is a count.
+        Peers receive the writes by sync like any local operation.
+        """
+        self._check_open()
+        views = [view for edit in edits if (view := self._apply_cloud_edit(edit)) is not None]
+        if cursor is not None:
+            self._batch.cloud.extend(cloud.state_statements({"cursor": cursor}))
+        await self._commit()
+        return views
+
+    def _apply_cloud_edit(self, edit: CloudEdit) -> ItemView | None:
+        item_id = edit.item
+        if not is_item_id(item_id):
+            _LOGGER.warning("web edit of %r ignored: not an item id", item_id)
+            return None
+        registers: dict[str, tuple[object, int]] = {}
+        counted: tuple[int, int] | None = None
+        for name, (value, hlc) in edit.fields.items():
+            if isinstance(hlc, bool) or not isinstance(hlc, int) or not 0 < hlc < 2**53:
+                _LOGGER.warning("web edit of %s.%s ignored: bad HLC %r", item_id, name, hlc)
+                continue
+            try:
+                if name == STOCK_FIELD:
+                    counted = (check_qty(value, name="stock", minimum=0, maximum=MAX_STOCK), hlc)
+                else:
+                    registers[name] = (check_field(name, value), hlc)
+            except InvalidInput as exc:
+                _LOGGER.warning("web edit of %s ignored: %s", item_id, exc)
+                continue
+            self._observe_remote_clock(cloud.CLOUD_WRITER, hlc)
+        if not registers and counted is None:
+            return None
+        before = self._compute_view(item_id) if item_id in self._known_items else None
+        shard = shard_of(item_id, self.shard_count)
+        doc = self._docs[item_doc(shard)]
+        changed: list[int] = []
+        delta = 0
+        with doc.transaction(origin=LOCAL):
+            item = documents.item_map(doc, item_id)
+            for name, (value, hlc) in registers.items():
+                if documents.write_register_if_newer(item, cloud.CLOUD_WRITER, name, value, hlc):
+                    changed.append(hlc)
+            if counted is not None:
+                qty, hlc = counted
+                kind = registers.get("kind", (before.kind if before else "bulk", 0))[0]
+                if kind == "serial":
+                    status = "in" if qty else "lost"
+                    if documents.write_register_if_newer(
+                        item, cloud.CLOUD_WRITER, "status", status, hlc
+                    ):
+                        changed.append(hlc)
+                else:
+                    key = slot_key(STOCK_FIELD, cloud.CLOUD_WRITER)
+                    seen = documents.slot_hlc(item, key)
+                    if seen is None or seen < hlc:
+                        own = before.stock_by_station.get(cloud.CLOUD_WRITER, 0) if before else 0
+                        base = edit.stock_before
+                        if base is None:
+                            # An older change log without the cloud's stock before the
+                            # edit: counted against this station's view instead.
+                            base = before.stock if before else 0
+                        delta = qty - base
+                        documents.add_stock(item, cloud.CLOUD_WRITER, delta, own, hlc)
+                        changed.append(hlc)
+            if changed:
+                documents.mark_changed(doc, item_id, self.station_id, max(changed))
+        if not changed:
+            return None
+        self._known_items[item_id] = shard
+        view = self._settled_view(item_id)
+        # Every station that pulls this edit records the same movement (one id), so the
+        # history shows it once.
+        movement_id = str(uuid.uuid5(_WEB_EDITS, f"{item_id}/{edit.change_id}/{max(changed)}"))
+        self._append_movements(
+            [
+                self._movement(
+                    view,
+                    op="count" if counted is not None else "edit",
+                    hlc=max(changed),
+                    operator="web",
+                    qty=delta,
+                    op_id=movement_id,
+                )
+            ]
+        )
+        return view
+
     # ------------------------------------------------------------------ writer
 
     async def _run_writer(self) -> None:
@@ -1129,6 +1316,9 @@ class Store:
             ("INSERT INTO updates (doc, seq, data) VALUES (?, ?, ?)", rows),
             ("INSERT OR IGNORE INTO index_pending (item_id) VALUES (?)", [(i,) for i in put_off]),
             ("DELETE FROM index_pending WHERE item_id = ?", [(i,) for i in caught_up]),
+            # Before the views: a push confirmed in this commit must not drop the mark
+            # that an edit in this same commit sets.
+            *batch.cloud,
             *index.view_statements(views),
             *index.movement_statements(batch.movements),
             (

@@ -7,12 +7,14 @@ Every error names the setting and the bad value (``ConfigError``), so an operato
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 import os
 import socket
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -318,26 +320,80 @@ def _validate(settings: Mapping[str, Any], env: Mapping[str, str], source: Path 
     )
 
 
+# ---------------------------------------------------------------------- [cloud]
+
+#: Hosts a plain http:// cloud URL may name: a local Supabase stack (``supabase start``
+#: serves http://127.0.0.1:54321) or a test server, never a remote one.
+_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
 def _validate_cloud(raw: Mapping[str, Any]) -> CloudConfig:
-    cloud = CloudConfig()
-    url = raw.get("url")
-    if url is not None:
-        if not isinstance(url, str) or not url.startswith(
-            ("postgresql://", "postgres://", "https://")
-        ):
-            raise ConfigError(
-                "cloud.url", url, "expected postgresql://... or https://<project>.supabase.co"
-            )
-        cloud = replace(cloud, url=url)
-    for key in ("anon_key", "station_email"):
+    """``[cloud]``: a postgresql:// DSN, or an https:// Supabase project with the anon
+    key and the station user's sign-in (never a key that bypasses row-level security)."""
+    for key in ("url", "anon_key", "station_email"):
         value = raw.get(key)
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"cloud.{key}", value, "expected text")
-    password_file = raw.get("station_password_file")
-    return replace(
-        cloud,
-        anon_key=raw.get("anon_key"),
-        station_email=raw.get("station_email"),
+    url = raw.get("url")
+    anon_key = raw.get("anon_key") or None
+    email = raw.get("station_email") or None
+    password_file = raw.get("station_password_file") or None
+    if password_file is not None and not isinstance(password_file, str):
+        raise ConfigError("cloud.station_password_file", password_file, "expected a file path")
+    push_interval = parse_duration("cloud.push_interval", raw.get("push_interval", 30.0))
+    if push_interval < 0.1:
+        raise ConfigError("cloud.push_interval", raw.get("push_interval"), "must be at least 0.1s")
+    if url is not None:
+        _check_cloud_url(url)
+        if not url.startswith(("postgresql://", "postgres://")):
+            for key, value in (
+                ("anon_key", anon_key),
+                ("station_email", email),
+                ("station_password_file", password_file),
+            ):
+                if value is None:
+                    raise ConfigError(
+                        f"cloud.{key}", None, "needed with an https:// url (see docs/cloud.md)"
+                    )
+    if anon_key is not None and _bypasses_rls(anon_key):
+        raise ConfigError(
+            "cloud.anon_key",
+            anon_key[:12] + "...",
+            "this is a secret (service_role) key, which bypasses row-level security and "
+            "must not sit on a station; use the anon (publishable) key and a station user",
+        )
+    return CloudConfig(
+        url=url,
+        anon_key=anon_key,
+        station_email=email,
         station_password_file=Path(password_file) if password_file else None,
-        push_interval=parse_duration("cloud.push_interval", raw.get("push_interval", 30.0)),
+        push_interval=push_interval,
     )
+
+
+def _check_cloud_url(url: str) -> None:
+    if url.startswith(("postgresql://", "postgres://", "https://")):
+        return
+    if url.startswith("http://"):
+        host = url[len("http://") :].split("/", 1)[0].rpartition("@")[2]
+        host = host[1:].partition("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0]
+        if host in _LOOPBACK_HOSTS or host.startswith("127."):
+            return
+        raise ConfigError("cloud.url", url, "use https:// (http:// only for a local Supabase)")
+    raise ConfigError(
+        "cloud.url", url, "expected postgresql://... or https://<project>.supabase.co"
+    )
+
+
+def _bypasses_rls(key: str) -> bool:
+    """Supabase secret keys (``sb_secret_...``) and legacy service_role JWTs."""
+    if key.startswith("sb_secret_"):
+        return True
+    parts = key.split(".")
+    if len(parts) != 3:
+        return False
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(payload, dict) and payload.get("role") == "service_role"

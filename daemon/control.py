@@ -16,7 +16,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from aiohttp import web
 
@@ -35,9 +35,13 @@ from crdt_store import (
 )
 from crdt_store.model import Kind
 
+from .admin import CaProblem, FleetAdmin, JoinRefused
 from .catalog import RowProblem, parse_rows
-from .config import Config
+from .config import Config, ConfigError, parse_host_port
 from .peers import PeerManager
+
+if TYPE_CHECKING:
+    from cloud_bridge.bridge import CloudBridge
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -135,10 +139,14 @@ class ControlApi:
         config: Config,
         *,
         peers: PeerManager | None = None,
+        fleet: FleetAdmin | None = None,
+        cloud: CloudBridge | None = None,
     ) -> None:
         self.store = store
         self.config = config
         self.peers = peers
+        self.fleet_admin = fleet
+        self.cloud = cloud
         self.started = time.monotonic()
         self._imports: dict[str, dict[str, int]] = {}
 
@@ -161,12 +169,14 @@ class ControlApi:
         r.add_get(f"{API}/fleet", self.fleet)
         r.add_get(f"{API}/peers", self.list_peers)
         r.add_post(f"{API}/sync", self.sync)
-        r.add_post(f"{API}/fleet/invite", self.not_yet("fleet security"))
-        r.add_post(f"{API}/fleet/join", self.not_yet("fleet security"))
-        r.add_post(f"{API}/fleet/revoke", self.not_yet("fleet security"))
+        r.add_post(f"{API}/fleet/invite", self.fleet_invite)
+        r.add_post(f"{API}/fleet/join", self.fleet_join)
+        r.add_post(f"{API}/fleet/revoke", self.fleet_revoke)
+        r.add_post(f"{API}/fleet/export-ca", self.fleet_export_ca)
+        r.add_post(f"{API}/fleet/import-ca", self.fleet_import_ca)
         r.add_get(f"{API}/cloud", self.cloud_status)
-        r.add_post(f"{API}/cloud/push", self.not_yet("the cloud bridge"))
-        r.add_post(f"{API}/cloud/pull", self.not_yet("the cloud bridge"))
+        r.add_post(f"{API}/cloud/push", self.cloud_push)
+        r.add_post(f"{API}/cloud/pull", self.cloud_pull)
         return app
 
     # -------------------------------------------------------------- status
@@ -187,10 +197,23 @@ class ControlApi:
             "clock_warnings": [
                 {"station": w.station, "ahead_ms": w.ahead_ms} for w in store.clock_warnings()
             ],
+            "fleet": self._fleet_summary(),
             "peers": self._peer_summary(),
-            "cloud": {"configured": self.config.cloud.url is not None},
+            "cloud": await self._cloud_summary(),
         }
         return web.json_response(body)
+
+    def _fleet_summary(self) -> dict[str, Any]:
+        if self.fleet_admin is None:
+            return {"available": False}
+        guard = self.fleet_admin.guard
+        return {
+            "available": True,
+            "id": guard.fleet_id,
+            "holds_ca": guard.membership.holds_ca,
+            "revoked": len(guard.revoked),
+            "certificate_expires_at": guard.membership.station_cert.not_valid_after_utc.timestamp(),
+        }
 
     def _peer_summary(self) -> dict[str, Any]:
         if self.peers is None:
@@ -392,23 +415,92 @@ class ControlApi:
 
     # -------------------------------------------------------------- fleet, peers, cloud
 
+    def _admin(self) -> FleetAdmin:
+        if self.fleet_admin is None:
+            raise ApiError(501, "not_available", "fleet security is not running on this station")
+        return self.fleet_admin
+
     async def fleet(self, request: web.Request) -> web.Response:
-        members = self.store.fleet_members()
+        admin = self._admin()
         return web.json_response(
             {
                 "station_id": self.store.station_id,
                 "name": self.config.name,
-                "members": [
-                    {"station_id": sid, "name": entry.get("name", "")}
-                    for sid, entry in sorted(members.items())
-                ],
+                "fleet_id": admin.guard.fleet_id,
+                "holds_ca": admin.guard.membership.holds_ca,
+                "open_invites": admin.invites.open_count(),
+                "members": admin.members(),
             }
         )
+
+    async def fleet_invite(self, request: web.Request) -> web.Response:
+        data = await _body(request)
+        expires = _duration(data.get("expires", "15m"))
+        addresses = []
+        for text in data.get("addresses") or []:
+            try:
+                addresses.append(parse_host_port("address", text))
+            except ConfigError as exc:
+                raise ApiError(400, "invalid", str(exc)) from exc
+        try:
+            token = self._admin().invite(expires, tuple(addresses))
+        except CaProblem as exc:
+            raise ApiError(409 if exc.code == "no_ca" else 400, exc.code, str(exc)) from exc
+        return web.json_response(
+            {
+                "token": token.encode(),
+                "short": token.short_form(),
+                "expires_at": token.expires_at,
+                "addresses": [str(a) for a in token.addresses],
+            }
+        )
+
+    async def fleet_join(self, request: web.Request) -> web.Response:
+        data = await _body(request)
+        token = _text(data, "token")
+        if not token:
+            raise InvalidInput("token", token, "give the token printed by 'fleet invite'")
+        try:
+            result = await self._admin().join(token, force=bool(data.get("force", False)))
+        except JoinRefused as exc:
+            raise ApiError(502 if exc.retry else 403, exc.code, str(exc)) from exc
+        return web.json_response(result)
+
+    async def fleet_revoke(self, request: web.Request) -> web.Response:
+        data = await _body(request)
+        station = _text(data, "station_id")
+        if not station:
+            raise InvalidInput("station_id", station, "give the station id to revoke")
+        try:
+            result = await self._admin().revoke(station)
+        except CaProblem as exc:
+            status = {"no_ca": 409, "not_found": 404}.get(exc.code, 400)
+            raise ApiError(status, exc.code, str(exc)) from exc
+        return web.json_response(result)
+
+    async def fleet_export_ca(self, request: web.Request) -> web.Response:
+        data = await _body(request)
+        try:
+            pem = await self._admin().export_ca(_text(data, "passphrase", "") or "")
+        except CaProblem as exc:
+            raise ApiError(409 if exc.code == "no_ca" else 400, exc.code, str(exc)) from exc
+        return web.json_response({"pem": pem.decode("ascii")})
+
+    async def fleet_import_ca(self, request: web.Request) -> web.Response:
+        data = await _body(request)
+        pem = (_text(data, "pem", "") or "").encode()
+        try:
+            result = await self._admin().import_ca(pem, _text(data, "passphrase", "") or "")
+        except CaProblem as exc:
+            raise ApiError(400, exc.code, str(exc)) from exc
+        return web.json_response(result)
 
     async def list_peers(self, request: web.Request) -> web.Response:
         if self.peers is None:
             raise ApiError(501, "not_available", "peer sync is not running on this station")
-        return web.json_response({"peers": self.peers.status()})
+        return web.json_response(
+            {"peers": self.peers.status(), "refused": list(self.peers.refusals)}
+        )
 
     async def sync(self, request: web.Request) -> web.Response:
         """Anti-entropy with every connected peer now; waits up to ``timeout`` seconds
@@ -430,16 +522,67 @@ class ControlApi:
             {"peers": peers, "in_sync": all(p["lacking"] == 0 for p in connected)}
         )
 
-    async def cloud_status(self, request: web.Request) -> web.Response:
-        return web.json_response({"configured": self.config.cloud.url is not None})
+    # -------------------------------------------------------------- cloud bridge
 
-    def not_yet(self, feature: str) -> Handler:
-        async def handler(request: web.Request) -> web.Response:
-            return error_response(
-                501, "not_available", f"this needs {feature}, which this version does not have yet"
+    def _bridge(self) -> CloudBridge:
+        if self.cloud is None:
+            raise ApiError(
+                409,
+                "not_configured",
+                "this station has no cloud bridge: set [cloud] url or INVSYNC_CLOUD_URL "
+                "(see docs/cloud.md)",
             )
+        return self.cloud
 
-        return handler
+    async def cloud_status(self, request: web.Request) -> web.Response:
+        if self.cloud is None:
+            return web.json_response({"configured": False})
+        return web.json_response(await self.cloud.status())
+
+    async def _cloud_summary(self) -> dict[str, Any]:
+        """The cloud part of ``/v1/status``."""
+        if self.cloud is None:
+            return {"configured": False}
+        full = await self.cloud.status(parked_rows=0)
+        keys = ("configured", "transport", "state", "backlog", "parked_count", "last_error")
+        summary = {key: full[key] for key in keys}
+        summary["next_retry"] = full["next_retry"]
+        for kind in ("push", "pull"):
+            last = full[f"last_{kind}"]
+            summary[f"last_{kind}_at"] = last["finished_at"] if last and last["ok"] else None
+        return summary
+
+    async def cloud_push(self, request: web.Request) -> web.Response:
+        """Push the outbox now (``{"wait": false}``: start it and answer 202 with the run
+        number; its progress and report are in ``GET /v1/cloud``)."""
+        return await self._cloud_run(request, "push")
+
+    async def cloud_pull(self, request: web.Request) -> web.Response:
+        return await self._cloud_run(request, "pull")
+
+    async def _cloud_run(self, request: web.Request, kind: Literal["push", "pull"]) -> web.Response:
+        bridge = self._bridge()
+        data = await _body(request)
+        if data.get("wait", True):
+            report = await (bridge.push_now() if kind == "push" else bridge.pull_now())
+            return web.json_response(report.to_json())
+        return web.json_response({"run": bridge.start_run(kind), "started": True}, status=202)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(value: object) -> float:
+    """Seconds from ``900``, ``"90s"``, ``"15m"``, ``"2h"`` or ``"1d"``."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str) and value.strip():
+        text = value.strip().lower()
+        unit = _UNITS.get(text[-1])
+        number = text[:-1] if unit else text
+        with contextlib.suppress(ValueError):
+            return float(number) * (unit or 1)
+    raise InvalidInput("expires", value, "a duration such as 15m, 2h or 1d")
 
 
 class ControlServer:

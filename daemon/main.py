@@ -15,17 +15,22 @@ import os
 import signal
 import stat
 import sys
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
 import click
 
+from cloud_bridge.bridge import CloudBridge
 from crdt_store import Store, StoreError
+from crdt_store.documents import ENROLLMENTS_ROOT
 
+from .admin import FleetAdmin, JoinRefused
 from .config import Config, ConfigError, load_config
 from .control import ControlApi, ControlServer, ControlSocketError
 from .discovery import Discovery
-from .fleet import FleetFileError, load_or_create_fleet_id
+from .fleet import FleetFileError, FleetMembership, load_or_found
+from .guard import FleetGuard
 from .identity import StationIdentity, load_or_create
 from .lock import DataDirBusy, DataDirLock
 from .notify import Notifier
@@ -34,6 +39,8 @@ from .peers import PeerListenError, PeerManager
 _LOGGER = logging.getLogger("invsyncd")
 #: sysexits.h EX_CONFIG: the settings are wrong; restarting will not help.
 EXIT_CONFIG = 78
+#: How often a station refreshes its "last seen" in the fleet doc.
+PRESENCE_INTERVAL = 3600.0
 
 
 class _JournalFormatter(logging.Formatter):
@@ -85,7 +92,7 @@ def prepare_data_dir(data_dir: Path) -> None:
 async def run_station(
     config: Config,
     identity: StationIdentity,
-    fleet_id: str,
+    membership: FleetMembership,
     stop: asyncio.Event,
     notifier: Notifier,
 ) -> None:
@@ -96,27 +103,29 @@ async def run_station(
         shard_count=config.shard_count,
         max_clock_skew=config.max_clock_skew,
     ) as store:
-        if store.fleet_members().get(identity.station_id, {}).get("name") != config.name:
-            await store.set_station_name(config.name)
-        async with PeerManager(
-            store,
-            station_id=identity.station_id,
-            name=config.name,
-            fleet_id=fleet_id,
-            listen=config.listen,
-            static_peers=config.peers,
-            anti_entropy_interval=config.anti_entropy_interval,
-        ) as peers:
-            discovery = Discovery(
-                station_id=identity.station_id,
-                fleet_id=fleet_id,
-                port=peers.port,
-                interfaces=config.mdns_interfaces,
-                advertise_host=config.listen.host,
-                found=lambda address, station: peers.learn(address, station, source="mdns"),
-            )
-            async with discovery if config.mdns else contextlib.nullcontext():
-                await _serve_control(config, identity, store, peers, stop, notifier)
+        await store.set_station_name(config.name)
+        with FleetGuard(store, membership) as guard:
+            if warning := guard.certificate_warning():
+                _LOGGER.error("peers will refuse this station%s", warning)
+            admin = FleetAdmin(config, guard)
+            if config.join_token:
+                await admin.join_on_start(config.join_token)
+            if guard.membership.holds_ca and identity.station_id not in store.fleet_entries(
+                ENROLLMENTS_ROOT
+            ):
+                await guard.record_enrollment(identity.station_id, config.name)
+            async with PeerManager(
+                store,
+                guard=guard,
+                name=config.name,
+                listen=config.listen,
+                static_peers=(*config.peers, *admin.remembered_peers()),
+                anti_entropy_interval=config.anti_entropy_interval,
+                routes=admin.desk.routes(),
+            ) as peers:
+                admin.peers = peers
+                guard.on_revoked = peers.drop
+                await _serve_control(config, identity, store, peers, admin, stop, notifier)
 
 
 async def _serve_control(
@@ -124,19 +133,28 @@ async def _serve_control(
     identity: StationIdentity,
     store: Store,
     peers: PeerManager,
+    admin: FleetAdmin,
     stop: asyncio.Event,
     notifier: Notifier,
 ) -> None:
     """Serve the control socket until ``stop``; the socket closes before anything else."""
-    api = ControlApi(store, config, peers=peers)
-    async with ControlServer(api, config.socket_path), asyncio.TaskGroup() as tasks:
+    api = ControlApi(store, config, peers=peers, fleet=admin)
+    async with (
+        _cloud_bridge(config, store, api, lambda: admin.guard.fleet_id),
+        ControlServer(api, config.socket_path),
+        asyncio.TaskGroup() as tasks,
+    ):
+        if config.mdns:
+            tasks.create_task(_discover(config, admin, peers, stop), name="mdns")
+        tasks.create_task(_publish_presence(store, config.name, stop), name="presence")
         items = await store.count_items()
         _LOGGER.info(
-            "station %s (%s) ready: %d items, control socket %s",
+            "station %s (%s) ready: %d items, control socket %s, fleet %s",
             identity.station_id,
             config.name,
             items,
             config.socket_path,
+            admin.guard.fleet_id,
         )
         notifier.ready(f"ready: {items} items")
         if notifier.watchdog_interval:
@@ -146,6 +164,40 @@ async def _serve_control(
         await stop.wait()
         notifier.stopping()
         _LOGGER.info("stopping: closing the control socket, then the store")
+
+
+async def _discover(
+    config: Config, admin: FleetAdmin, peers: PeerManager, stop: asyncio.Event
+) -> None:
+    """mDNS for the fleet in force; announced afresh when the station joins another."""
+    while not stop.is_set():
+        discovery = Discovery(
+            station_id=peers.station_id,
+            fleet_id=admin.guard.fleet_id,
+            port=peers.port,
+            interfaces=config.mdns_interfaces,
+            advertise_host=config.listen.host,
+            found=lambda address, station: peers.learn(address, station, source="mdns"),
+        )
+        async with discovery:
+            admin.fleet_changed.clear()
+            waits = [asyncio.ensure_future(e.wait()) for e in (stop, admin.fleet_changed)]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+
+
+async def _publish_presence(store: Store, name: str, stop: asyncio.Event) -> None:
+    """Refresh this station's "last seen" in the fleet doc now and then."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(PRESENCE_INTERVAL):
+                await stop.wait()
+        if not stop.is_set():
+            with contextlib.suppress(StoreError):
+                await store.set_station_name(name)
 
 
 async def _watchdog(notifier: Notifier, interval: float, stop: asyncio.Event) -> None:
@@ -158,14 +210,34 @@ async def _watchdog(notifier: Notifier, interval: float, stop: asyncio.Event) ->
                 await stop.wait()
 
 
-async def _serve(config: Config, identity: StationIdentity, fleet_id: str) -> None:
+@contextlib.asynccontextmanager
+async def _cloud_bridge(
+    config: Config, store: Store, api: ControlApi, fleet: Callable[[], str]
+) -> AsyncIterator[None]:
+    """The cloud bridge when ``[cloud] url`` is set (the control API reaches it through
+    ``api``); it stops after the control socket and before the store."""
+    if config.cloud.url is None:
+        yield
+        return
+    async with CloudBridge(store, config.cloud, fleet=fleet) as bridge:
+        api.cloud = bridge
+        _LOGGER.info(
+            "cloud bridge to %s, pushing every %gs", bridge.url, config.cloud.push_interval
+        )
+        try:
+            yield
+        finally:
+            api.cloud = None
+
+
+async def _serve(config: Config, identity: StationIdentity, membership: FleetMembership) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     notifier = Notifier()
     try:
-        await run_station(config, identity, fleet_id, stop, notifier)
+        await run_station(config, identity, membership, stop, notifier)
     finally:
         notifier.close()
 
@@ -178,8 +250,8 @@ def start(config: Config) -> None:
     lock.acquire()
     try:
         identity = load_or_create(config.data_dir)
-        fleet_id = load_or_create_fleet_id(config.data_dir)
-        asyncio.run(_serve(config, identity, fleet_id))
+        membership = load_or_found(config.data_dir, identity)
+        asyncio.run(_serve(config, identity, membership))
     finally:
         lock.release()
 
@@ -232,11 +304,15 @@ def main(
         sys.exit(EXIT_CONFIG)
     try:
         start(config)
-    except (StartupError, PeerListenError) as exc:
+    except JoinRefused as exc:
+        # An unreachable inviter may answer later; a refused token never will.
+        click.echo(f"invsyncd: {exc}", err=True)
+        sys.exit(1 if exc.retry else EXIT_CONFIG)
+    except (StartupError, PeerListenError, FleetFileError) as exc:
         # Wrong permissions or a taken port: an operator must act; restarting won't help.
         click.echo(f"invsyncd: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
-    except (DataDirBusy, ControlSocketError, FleetFileError, StoreError) as exc:
+    except (DataDirBusy, ControlSocketError, StoreError) as exc:
         click.echo(f"invsyncd: {exc}", err=True)
         sys.exit(1)
     _LOGGER.info("stopped")

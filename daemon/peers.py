@@ -30,6 +30,7 @@ from crdt_store import CommittedUpdate, Store, StoreClosed, StoreError
 from crdt_store.schema import SCHEMA_VERSION
 
 from .config import HostPort
+from .guard import FleetGuard
 from .protocol import (
     PROTOCOL_VERSION,
     Ack,
@@ -54,7 +55,9 @@ from .transport import (
     CLOSE_SHUTDOWN,
     Link,
     LinkClosed,
+    PeerRefused,
     PeerServer,
+    Route,
     dial,
 )
 
@@ -67,6 +70,8 @@ BACKOFF_MAX = 30.0
 #: that peer and anti-entropy catches it up later, so memory stays bounded.
 MAX_QUEUED_BYTES = 16 * 1024 * 1024
 _WARN_INTERVAL = 60.0
+#: Refused connections remembered for ``invsync peers``.
+REFUSALS_KEPT = 20
 
 
 class PeerListenError(Exception):
@@ -293,17 +298,17 @@ class PeerManager:
         self,
         store: Store,
         *,
-        station_id: str,
+        guard: FleetGuard,
         name: str,
-        fleet_id: str,
         listen: HostPort,
         static_peers: Iterable[HostPort] = (),
         anti_entropy_interval: float = 30.0,
+        routes: Iterable[Route] = (),
     ) -> None:
         self.store = store
-        self.station_id = station_id
+        self.guard = guard
+        self.station_id = guard.station_id
         self.name = name
-        self.fleet_id = fleet_id
         self.listen = listen
         self.anti_entropy_interval = anti_entropy_interval
         self.records: dict[str, PeerRecord] = {}
@@ -311,7 +316,16 @@ class PeerManager:
         self._addresses: dict[HostPort, KnownAddress] = {}
         for address in static_peers:
             self._addresses[address] = KnownAddress(address, source="static")
-        self._server = PeerServer(listen, self._accept)
+        #: Recent connections refused for who the peer is (newest last).
+        self.refusals: deque[dict[str, Any]] = deque(maxlen=REFUSALS_KEPT)
+        self._server = PeerServer(
+            listen,
+            self._accept,
+            guard.server_context,
+            authorize=guard.authorize,
+            refused=self._refused_incoming,
+            routes=tuple(routes),
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self._dialer: asyncio.Task[None] | None = None
         self._unsubscribe: Any = None
@@ -321,6 +335,10 @@ class PeerManager:
     @property
     def port(self) -> int:
         return self._server.port
+
+    @property
+    def fleet_id(self) -> str:
+        return self.guard.fleet_id
 
     async def __aenter__(self) -> PeerManager:
         try:
@@ -413,7 +431,13 @@ class PeerManager:
     async def _dial(self, known: KnownAddress) -> None:
         try:
             try:
-                link = await dial(known.address)
+                link = await dial(known.address, self.guard.client_context(), self.guard.authorize)
+            except PeerRefused as exc:
+                station = exc.station_id or known.station_id
+                reason = exc.reason + self.guard.certificate_warning()
+                self._record_refusal(str(known.address), reason, station, outgoing=True)
+                self._backoff(known, reason)
+                return
             except Exception as exc:  # any failure to connect only backs off
                 self._backoff(known, f"cannot connect: {exc}")
                 return
@@ -488,6 +512,11 @@ class PeerManager:
             await link.close(CLOSE_PROTOCOL, "expected hello")
             return None
         reason = self._mismatch(frame)
+        if reason is None and frame.station_id != link.peer_station:
+            reason = (
+                f"its certificate is for station {link.peer_station}, "
+                f"but it says it is {frame.station_id}"
+            )
         if frame.station_id == self.station_id and known is not None:
             known.is_self = True
         if reason is not None:
@@ -519,6 +548,57 @@ class PeerManager:
             return f"schema version {hello.schema_version}, ours is {SCHEMA_VERSION}"
         return None
 
+    def _refused_incoming(self, remote: str, reason: str, station_id: str | None) -> None:
+        self._record_refusal(remote, reason, station_id, outgoing=False)
+
+    def _record_refusal(
+        self, remote: str, reason: str, station_id: str | None, *, outgoing: bool
+    ) -> None:
+        """A connection refused for who the peer is: logged, and listed by ``peers``."""
+        direction = "to" if outgoing else "from"
+        host = remote.rsplit(":", 1)[0] if not outgoing else remote
+        self.log.warning(
+            f"refused {host} {reason}",
+            "refused connection %s %s%s: %s",
+            direction,
+            remote,
+            f" (station {station_id})" if station_id else "",
+            reason,
+        )
+        self.refusals.append(
+            {
+                "address": remote,
+                "direction": "outgoing" if outgoing else "incoming",
+                "station_id": station_id,
+                "reason": reason,
+                "at": time.time(),
+            }
+        )
+        self._note_refusal(station_id, reason)
+
+    def drop(self, station_id: str, reason: str) -> None:
+        """Close the session with ``station_id`` now (it was revoked)."""
+        record = self.records.get(station_id)
+        if record is None:
+            return
+        session, record.session = record.session, None
+        record.connected = False
+        record.since = time.time()
+        record.last_error = reason
+        if session is not None:
+            # Unregistered at once, so nothing more is relayed to it; the close follows.
+            self._spawn(session.link.close(CLOSE_REFUSED, reason), f"peers: drop {station_id}")
+
+    def drop_all(self, reason: str) -> None:
+        """Close every session (this station switched fleets) and dial afresh."""
+        for record in self.records.values():
+            if record.session is not None:
+                self._spawn(record.session.link.close(CLOSE_REFUSED, reason), "peers: drop")
+        for known in self._addresses.values():
+            known.failures = 0
+            known.next_attempt = 0.0
+        self._changed.set()
+
     def _note_refusal(self, station_id: str | None, reason: str, *, name: str = "") -> None:
         if station_id is None or station_id == self.station_id:
             return
@@ -544,6 +624,15 @@ class PeerManager:
             await existing.link.close(CLOSE_DUPLICATE, "duplicate connection")
         if self._closed:  # close() began while we waited: it will not see this session
             await link.close(CLOSE_SHUTDOWN, "station shutting down")
+            return
+        # Checked again with no await before the session is registered: a revocation (or a
+        # switch to another fleet) committed during the hello would otherwise miss it.
+        refusal = self.guard.authorize(hello.station_id)
+        if refusal is None and hello.fleet_id != self.fleet_id:
+            refusal = "this station changed fleets"
+        if refusal is not None:
+            self._record_refusal(link.remote, refusal, hello.station_id, outgoing=link.dialed)
+            await link.close(CLOSE_REFUSED, refusal)
             return
         record.session = session
         record.name = hello.name

@@ -9,6 +9,9 @@ import pytest
 
 from crdt_store import Store
 
+# The throwaway PostgreSQL cluster and its per-test databases (pg_cluster, cloud_db, ...).
+pytest_plugins = ["tests.pg_cluster"]
+
 OpenStore = Callable[..., Awaitable[Store]]
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.daemon_harness import INVSYNCD, Daemon
+from tests.fleet_ca import FleetCA
 
 SUBNET_PREFIX = "198.51.100."
 SYNC_PORT = 7420
@@ -186,12 +187,9 @@ class Station(Daemon):
     the test's own namespace.
     """
 
-    def __init__(self, host: Host, base: Path, name: str, fleet_id: str) -> None:
+    def __init__(self, host: Host, base: Path, name: str, ca: FleetCA) -> None:
         data_dir = base / name
-        data_dir.mkdir(mode=0o700)
-        fleet_file = data_dir / "fleet.id"
-        fleet_file.write_text(fleet_id + "\n")
-        fleet_file.chmod(0o600)
+        ca.enroll(data_dir)
         # An empty settings file keeps a machine-wide /etc/invsync/invsync.toml out.
         self.config_file = base / f"{name}.toml"
         self.config_file.write_text("")

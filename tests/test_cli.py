@@ -258,42 +258,59 @@ def test_status_item_count_drops_when_an_item_is_removed(invsync: Cli) -> None:
 def test_fleet_id_and_members_show_this_station(invsync: Cli) -> None:
     station_id = invsync.ok("fleet", "id").stdout.strip()
     assert station_id
-    assert invsync.json("fleet", "id") == {"station_id": station_id, "name": STATION_NAME}
+    fleet = invsync.json("fleet", "id")
+    assert (fleet["station_id"], fleet["name"]) == (station_id, STATION_NAME)
+    assert fleet["holds_ca"] is True  # a lone station founds its own fleet
+    assert len(fleet["fleet_id"]) == 16 and fleet["fleet_id"] != station_id
 
     rows = invsync.ok("fleet", "members").stdout.splitlines()
-    assert rows[0].split() == ["STATION", "NAME"]
-    assert [station_id, STATION_NAME] in [row.split() for row in rows[1:]]
-    members = invsync.json("fleet", "members")["members"]
-    assert {"station_id": station_id, "name": STATION_NAME} in members
+    assert rows[0].split() == ["STATION", "NAME", "ENROLLED", "LAST", "SEEN", "REVOKED"]
+    assert [station_id, "*", STATION_NAME] == rows[1].split()[:3]
+    (member,) = invsync.json("fleet", "members")["members"]
+    assert (member["station_id"], member["name"], member["revoked"]) == (
+        station_id,
+        STATION_NAME,
+        False,
+    )
+
+
+def test_fleet_commands_refuse_bad_input_clearly(invsync: Cli) -> None:
+    assert invsync.error("fleet", "join", "NOT-A-REAL-TOKEN")["code"] == "bad_token"
+    assert "not an invsync join token" in invsync.fails("fleet", "join", "x").stderr
+    assert invsync.error("fleet", "revoke", "ABCDEFGHIJKLMNOP")["code"] == "not_found"
+    assert invsync.error("fleet", "invite", "--expires", "soon")["code"] == "invalid"
+    assert invsync.error("fleet", "invite", "--expires", "30d")["code"] == "invalid"
+    own = invsync.ok("fleet", "id").stdout.strip()
+    assert invsync.error("fleet", "revoke", own)["code"] == "invalid"
+
+
+def test_fleet_invite_prints_the_token_and_its_short_form(invsync: Cli) -> None:
+    text = invsync.ok("fleet", "invite", "--expires", "2h").stdout
+    data = invsync.json("fleet", "invite")
+    assert data["token"].startswith("invsync-join:1:") and data["short"].startswith("INV1")
+    assert data["expires_at"] > time.time() + 800
+    assert "invsync-join:1:" in text and "INV1" in text and "fleet join" in text
 
 
 def test_cloud_status_says_not_configured(invsync: Cli) -> None:
-    assert invsync.ok("cloud", "status").stdout.strip() == "Cloud bridge not configured"
+    assert invsync.ok("cloud", "status").stdout.startswith("Cloud bridge not configured")
     assert invsync.json("cloud", "status") == {"configured": False}
+
+
+@pytest.mark.parametrize("args", [("cloud", "push"), ("cloud", "pull")], ids=" ".join)
+def test_cloud_push_and_pull_without_a_bridge_say_how_to_set_one_up(
+    invsync: Cli, args: tuple[str, ...]
+) -> None:
+    result = invsync.fails(*args)
+    assert "INVSYNC_CLOUD_URL" in result.stderr
+    assert invsync.error(*args)["code"] == "not_configured"
 
 
 def test_peers_and_sync_on_a_station_alone(invsync: Cli) -> None:
     assert invsync.ok("peers").stdout == "No peers known yet.\n"
-    assert invsync.json("peers") == {"peers": []}
+    assert invsync.json("peers") == {"peers": [], "refused": []}
     assert invsync.ok("sync").stdout == "No peers connected; nothing to sync with.\n"
     assert invsync.json("sync") == {"peers": [], "in_sync": True}
-
-
-@pytest.mark.parametrize(
-    "args",
-    [
-        ("fleet", "invite"),
-        ("fleet", "join", "NOT-A-REAL-TOKEN"),
-        ("fleet", "revoke", "ABCDEFGHIJKLMNOP"),
-        ("cloud", "push"),
-        ("cloud", "pull"),
-    ],
-    ids=" ".join,
-)
-def test_features_not_built_yet_say_so(invsync: Cli, args: tuple[str, ...]) -> None:
-    result = invsync.fails(*args)
-    assert "does not have yet" in result.stderr
-    assert invsync.error(*args)["code"] == "not_available"
 
 
 # ---------------------------------------------------------------------- items

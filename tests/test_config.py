@@ -8,6 +8,7 @@ file on the test machine cannot leak in.
 
 from __future__ import annotations
 
+import base64
 import socket
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,9 @@ mdns = true
 
 [cloud]
 url = "https://file.supabase.co"
+anon_key = "anon-key-from-the-file"
+station_email = "dock-file@example.com"
+station_password_file = "/etc/invsync/cloud-password"
 push_interval = "45s"
 """
 
@@ -338,3 +342,115 @@ def test_socket_path_longer_than_a_unix_address_names_the_setting() -> None:
 def test_other_bad_values_name_the_setting(tmp_path: Path, text: str, setting: str) -> None:
     path = write_toml(tmp_path, text)
     assert config_error({"config": str(path)}).setting == setting
+
+
+# ---------------------------------------------------------------------- [cloud]
+
+
+def test_every_cloud_setting_has_an_environment_override(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, FILE_SETTINGS)
+    config = load(
+        INVSYNC_CONFIG=str(path),
+        INVSYNC_CLOUD_URL="https://env.supabase.co",
+        INVSYNC_CLOUD_ANON_KEY="anon-key-from-env",
+        INVSYNC_CLOUD_STATION_EMAIL="dock-env@example.com",
+        INVSYNC_CLOUD_STATION_PASSWORD_FILE="/run/credentials/invsyncd/cloud-password",
+        INVSYNC_CLOUD_PUSH_INTERVAL="10s",
+    )
+    assert config.cloud.url == "https://env.supabase.co"
+    assert config.cloud.anon_key == "anon-key-from-env"
+    assert config.cloud.station_email == "dock-env@example.com"
+    assert config.cloud.station_password_file == Path("/run/credentials/invsyncd/cloud-password")
+    assert config.cloud.push_interval == 10.0
+    # Only the URL from the environment: the file's sign-in settings stay.
+    config = load(INVSYNC_CONFIG=str(path), INVSYNC_CLOUD_URL="https://other.supabase.co")
+    assert config.cloud.url == "https://other.supabase.co"
+    assert config.cloud.anon_key == "anon-key-from-the-file"
+    assert config.cloud.station_email == "dock-file@example.com"
+
+
+def test_postgres_url_needs_no_supabase_sign_in() -> None:
+    config = load(INVSYNC_CLOUD_URL="postgresql://station_a@db.example:5432/inventory")
+    assert config.cloud.url == "postgresql://station_a@db.example:5432/inventory"
+    assert config.cloud.anon_key is None
+    assert load().cloud.url is None
+
+
+@pytest.mark.parametrize(
+    "missing",
+    [
+        "INVSYNC_CLOUD_ANON_KEY",
+        "INVSYNC_CLOUD_STATION_EMAIL",
+        "INVSYNC_CLOUD_STATION_PASSWORD_FILE",
+    ],
+)
+def test_https_url_needs_the_anon_key_and_the_station_sign_in(missing: str) -> None:
+    env = {
+        "INVSYNC_CLOUD_URL": "https://abc.supabase.co",
+        "INVSYNC_CLOUD_ANON_KEY": "anon",
+        "INVSYNC_CLOUD_STATION_EMAIL": "dock@example.com",
+        "INVSYNC_CLOUD_STATION_PASSWORD_FILE": "/etc/invsync/pw",
+    }
+    assert load(**env).cloud.url == "https://abc.supabase.co"
+    del env[missing]
+    error = config_error(**env)
+    assert error.setting == "cloud." + missing.removeprefix("INVSYNC_CLOUD_").lower()
+    assert "docs/cloud.md" in str(error)
+
+
+def _jwt(payload: str) -> str:
+    body = base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
+    return f"eyJhbGciOiJIUzI1NiJ9.{body}.c2lnbmF0dXJl"
+
+
+@pytest.mark.parametrize(
+    "key", ["sb_secret_abcdef0123456789", _jwt('{"role":"service_role","iss":"supabase"}')]
+)
+def test_a_key_that_bypasses_row_level_security_is_refused(key: str) -> None:
+    error = config_error(
+        INVSYNC_CLOUD_URL="https://abc.supabase.co",
+        INVSYNC_CLOUD_ANON_KEY=key,
+        INVSYNC_CLOUD_STATION_EMAIL="dock@example.com",
+        INVSYNC_CLOUD_STATION_PASSWORD_FILE="/etc/invsync/pw",
+    )
+    assert error.setting == "cloud.anon_key"
+    assert "service_role" in str(error)
+    assert key not in str(error), "the secret is not repeated in the message"
+    anon = _jwt('{"role":"anon","iss":"supabase"}')
+    assert (
+        load(
+            INVSYNC_CLOUD_URL="https://abc.supabase.co",
+            INVSYNC_CLOUD_ANON_KEY=anon,
+            INVSYNC_CLOUD_STATION_EMAIL="dock@example.com",
+            INVSYNC_CLOUD_STATION_PASSWORD_FILE="/etc/invsync/pw",
+        ).cloud.anon_key
+        == anon
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "ok"),
+    [
+        ("http://127.0.0.1:54321", True),
+        ("http://localhost:54321/", True),
+        ("http://[::1]:54321", True),
+        ("http://abc.supabase.co", False),
+        ("ftp://db.example", False),
+        ("db.example:5432", False),
+    ],
+)
+def test_plain_http_only_for_a_local_supabase(url: str, ok: bool) -> None:
+    env = {
+        "INVSYNC_CLOUD_URL": url,
+        "INVSYNC_CLOUD_ANON_KEY": "anon",
+        "INVSYNC_CLOUD_STATION_EMAIL": "dock@example.com",
+        "INVSYNC_CLOUD_STATION_PASSWORD_FILE": "/etc/invsync/pw",
+    }
+    if ok:
+        assert load(**env).cloud.url == url
+    else:
+        assert config_error(**env).setting == "cloud.url"
+
+
+def test_push_interval_below_a_tenth_of_a_second_is_refused() -> None:
+    assert config_error(INVSYNC_CLOUD_PUSH_INTERVAL="10ms").setting == "cloud.push_interval"

@@ -599,8 +599,14 @@ def test_zero_config_creates_the_station_and_serves(base: Path) -> None:
         assert status["station"]["name"] == socket.gethostname()
         assert status["data_dir"] == str(data)
         assert status["items"] == 0
-        members = cli("fleet", "members")["members"]
-        assert members == [{"station_id": station_id, "name": socket.gethostname()}]
+        (member,) = cli("fleet", "members")["members"]
+        assert (member["station_id"], member["name"]) == (station_id, socket.gethostname())
+        assert member["this_station"] is True and member["revoked"] is False
+        # The first station founds a fleet: it holds the CA and its own certificate.
+        fleet = cli("fleet", "id")
+        assert fleet["holds_ca"] is True
+        for key in ("station.key", "fleet-ca.key"):
+            assert (data / key).stat().st_mode & 0o777 == 0o600, key
     finally:
         code = daemon.stop(timeout=10)
     assert code == 0, daemon.log()

@@ -38,6 +38,7 @@ import pytest
 from cli.client import ApiFailure, ControlClient, item_route
 from tests import netns
 from tests.daemon_harness import INVSYNC, short_dir
+from tests.fleet_ca import FleetCA
 from tests.netns import Lan, Station
 
 _SKIP = netns.unavailable()
@@ -47,8 +48,8 @@ pytestmark = [
     pytest.mark.skipif(_SKIP is not None, reason=_SKIP or ""),
 ]
 
-FLEET = "ABCDEFGHIJKLMNOP"
-OTHER_FLEET = "QRSTUVWXYZ234567"
+FLEET = FleetCA()
+OTHER_FLEET = FleetCA()
 #: Starting three daemons at once takes ~9 s on a 2-CPU machine; mDNS then needs ~1.5 s.
 START_TIMEOUT = 40.0
 CONNECT_TIMEOUT = 30.0
@@ -79,7 +80,7 @@ class Network:
             pytest.skip(f"cannot build network namespaces here: {exc}")
 
     def start(
-        self, lan: Lan, names: Sequence[str], fleets: Sequence[str] | None = None
+        self, lan: Lan, names: Sequence[str], fleets: Sequence[FleetCA] | None = None
     ) -> list[Station]:
         """One station per name on the LAN's hosts, in order, started in parallel."""
         started: list[Station] = []

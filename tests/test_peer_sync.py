@@ -1,8 +1,8 @@
 """Peer sync between real ``invsyncd`` processes on one host.
 
 Every station is a real daemon on loopback with its own data directory; the stations of a
-test share a fleet id written to ``fleet.id`` before their first start (a fresh random id
-per test, so stations of tests running at the same time on this host never mix). What is
+test are enrolled offline in a fleet CA made for that test (so stations of tests running
+at the same time on this host never mix); every link is mutual TLS. What is
 checked is what people at the stations would see: items and stock on every station, the
 conflict list, ``invsync peers`` and ``invsync sync``.
 
@@ -19,13 +19,13 @@ with each other and with other test runs, and only bound the test.
 from __future__ import annotations
 
 import asyncio
-import base64
 import csv
 import json
 import os
 import re
 import shutil
 import signal
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -50,6 +50,7 @@ from daemon.protocol import (
 )
 from daemon.transport import CLOSE_PROTOCOL, CLOSE_REFUSED, SYNC_PATH
 from tests.daemon_harness import Daemon, short_dir
+from tests.fleet_ca import FleetCA
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -68,13 +69,12 @@ class Fleet:
     """Stations of one fleet, each in its own data directory under ``base``."""
 
     base: Path
-    fleet_id: str = field(default_factory=lambda: base64.b32encode(os.urandom(10)).decode("ascii"))
+    ca: FleetCA = field(default_factory=FleetCA)
     stations: list[Daemon] = field(default_factory=list)
 
     def station(self, name: str, *extra: str, mdns: bool = False) -> Daemon:
         data_dir = self.base / name
-        data_dir.mkdir(mode=0o700)
-        (data_dir / "fleet.id").write_text(self.fleet_id + "\n")
+        self.ca.enroll(data_dir)
         daemon = Daemon(data_dir, self.base / f"{name}.sock", *extra, name=name, mdns=mdns)
         self.stations.append(daemon)
         return daemon
@@ -510,14 +510,20 @@ class Closed:
     frames: list[Any]
 
 
-async def raw_session(port: int, first: bytes | None, *after: bytes | str) -> Closed:
+async def raw_session(
+    peer: tuple[ssl.SSLContext, str], port: int, first: bytes | None, *after: bytes | str
+) -> Closed:
     """Dial the daemon like a peer would, send frames, and report how the link ended.
 
-    ``first`` may be ``None``: then the hello is copied from the daemon's own hello with
-    another station id, so it is valid and of the same fleet."""
+    ``peer`` is a TLS context with a certificate of the fleet and its station id (see
+    ``FleetCA.client``). ``first`` may be ``None``: then the hello is copied from the
+    daemon's own hello with that station id, so it is valid and of the same fleet."""
+    context, peer_id = peer
     async with (
         aiohttp.ClientSession() as http,
-        http.ws_connect(f"ws://127.0.0.1:{port}{SYNC_PATH}", max_msg_size=MAX_FRAME) as ws,
+        http.ws_connect(
+            f"wss://127.0.0.1:{port}{SYNC_PATH}", max_msg_size=MAX_FRAME, ssl=context
+        ) as ws,
     ):
         theirs = decode_frame(await asyncio.wait_for(ws.receive_bytes(), 20))
         assert isinstance(theirs, Hello)
@@ -525,7 +531,7 @@ async def raw_session(port: int, first: bytes | None, *after: bytes | str) -> Cl
             first = encode_frame(
                 Hello(
                     version=theirs.version,
-                    station_id="INTRUDER0000TEST",
+                    station_id=peer_id,
                     name="intruder",
                     fleet_id=theirs.fleet_id,
                     shard_count=theirs.shard_count,
@@ -590,16 +596,17 @@ def test_garbage_from_a_peer_closes_that_link_only(fleet: Fleet) -> None:
         ("nested JSON", None, (nested,), CLOSE_PROTOCOL, "bad JSON"),
         ("second hello", None, (encode_frame(other_fleet),), CLOSE_PROTOCOL, "unexpected Hello"),
     ]  # fmt: skip
+    peer = fleet.ca.client(fleet.base / "hand-written-peer")
     for label, first, after, code, reason in cases:
-        closed = asyncio.run(raw_session(port, first, *after))
+        closed = asyncio.run(raw_session(peer, port, first, *after))
         assert closed.code == code, (label, closed)
         assert reason in closed.reason, (label, closed)
 
     # Frames the WebSocket layer itself refuses (text, or over the largest frame limit)
     # end the link too, though the peer is told no reason; the daemon logs one.
-    closed = asyncio.run(raw_session(port, None, "a text frame"))
+    closed = asyncio.run(raw_session(peer, port, None, "a text frame"))
     assert closed.code is not None, closed
-    closed = asyncio.run(raw_session(port, None, b"\x04" + b"\x00" * MAX_FRAME))
+    closed = asyncio.run(raw_session(peer, port, None, b"\x04" + b"\x00" * MAX_FRAME))
     assert closed.code in (1006, 1009), closed  # abnormal closure / message too big
     wait_until("the reason in the log", 10, lambda: "exceeds limit" in a.log())
 

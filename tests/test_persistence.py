@@ -252,6 +252,7 @@ async def build_old_database(current: Path, old: Path, version: int) -> None:
             "ledger_progress": "doc, station, count",
         },
         3: {"cloud_dirty_items": "item_id, hlc"},
+        4: {"index_pending": "item_id"},
     }
     assert set(range(1, version + 1)) <= tables.keys(), f"describe version {version} here"
     async with aiosqlite.connect(old, isolation_level=None) as db:

@@ -1,0 +1,247 @@
+"""The store's side of the cloud bridge, on real stores in SQLite files.
+
+The push outbox (marks confirmed only if not raised meanwhile, movements, parked rows,
+re-targeting) and web edits written as writer ``cloud`` with the cloud's HLC: merged by
+HLC with station edits, idempotent, durable with the pull cursor, and spread to peers by
+the normal sync seam.
+"""
+
+from __future__ import annotations
+
+from crdt_store import NewItem, Store
+from crdt_store.cloud import CLOUD_WRITER, CloudEdit
+from crdt_store.hlc import pack
+from tests.conftest import OpenStore
+
+
+async def sync_pair(a: Store, b: Store) -> None:
+    """Full anti-entropy both ways through the store's sync seam."""
+    for _ in range(2):
+        for source, target in ((a, b), (b, a)):
+            for name in source.doc_names():
+                update = source.diff(name, target.state_vector(name))
+                await target.apply_remote(name, update, source.station_id)
+
+
+async def drain(store: Store) -> list[str]:
+    """Confirm everything on the outbox as a bridge would; returns the item ids."""
+    pushed: list[str] = []
+    while batch := await store.cloud_dirty_items(100):
+        await store.cloud_confirm([(d.view.id, d.mark) for d in batch])
+        pushed += [d.view.id for d in batch]
+    while movements := await store.cloud_pending_movements(100):
+        await store.cloud_confirm([], [m.id for m in movements])
+    return pushed
+
+
+def web_hlc(store: Store, ahead_ms: int = 1000) -> int:
+    """A server HLC a little after the station's clock (the cloud's clock is its own)."""
+    return pack((store.hlc >> 11) + ahead_ms, 7)
+
+
+async def test_outbox_holds_changed_items_and_new_movements_until_confirmed(
+    store: Store,
+) -> None:
+    spk = await store.add_item(NewItem("SPK001", "Speaker", qty=8))
+    cable = await store.add_item(NewItem("CBL001", "Cable", qty=50))
+    batch = await store.cloud_dirty_items(10)
+    assert {d.view.id for d in batch} == {spk.id, cable.id}
+    by_id = {d.view.id: d.view for d in batch}
+    assert by_id[spk.id].stock == 8 and set(by_id[spk.id].field_hlcs) >= {"name", "barcode"}
+    assert by_id[spk.id].stock_hlcs == {"A": spk.hlc}
+    movements = await store.cloud_pending_movements(10)
+    assert [m.op for m in movements] == ["add", "add"]
+    assert (await store.cloud_backlog()).to_json() == {"items": 2, "movements": 2, "parked": 0}
+
+    await store.cloud_confirm([(d.view.id, d.mark) for d in batch], [m.id for m in movements])
+    assert (await store.cloud_backlog()).to_json() == {"items": 0, "movements": 0, "parked": 0}
+    await store.checkout(spk.id, 2)
+    assert [d.view.stock for d in await store.cloud_dirty_items(10)] == [6]
+    assert [m.op for m in await store.cloud_pending_movements(10)] == ["checkout"]
+
+
+async def test_an_edit_during_a_push_keeps_the_item_on_the_outbox(store: Store) -> None:
+    spk = await store.add_item(NewItem("SPK001", "Speaker", qty=8))
+    (read,) = await store.cloud_dirty_items(10)
+    await store.checkout(spk.id, 1)  # lands while the batch is "in flight"
+    await store.cloud_confirm([(read.view.id, read.mark)])
+    (still,) = await store.cloud_dirty_items(10)
+    assert still.view.stock == 7 and still.mark > read.mark
+
+
+async def test_a_late_peer_write_with_an_older_hlc_still_counts_as_a_change(
+    open_store: OpenStore,
+) -> None:
+    """A peer's offline edit can change the view without raising the item's HLC; the
+    mark must rise anyway, or a push in flight would confirm it away unsent."""
+    a = await open_store("A")
+    b = await open_store("B")
+    spk = await a.add_item(NewItem("SPK001", "Speaker", qty=8))
+    await sync_pair(a, b)
+    await drain(a)
+    await b.edit_item(spk.id, {"location": "Aisle 9"})  # B's clock: an earlier HLC
+    await a.edit_item(spk.id, {"notes": "new"})
+    await a.edit_item(spk.id, {"notes": "newer"})
+    (read,) = await a.cloud_dirty_items(10)
+    await sync_pair(a, b)
+    await a.cloud_confirm([(read.view.id, read.mark)])
+    (still,) = await a.cloud_dirty_items(10)
+    assert still.view.location == "Aisle 9"
+
+
+async def test_parked_rows_wait_for_the_next_change_or_a_retry(store: Store) -> None:
+    spk = await store.add_item(NewItem("SPK001", "Speaker", qty=8))
+    (dirty,) = await store.cloud_dirty_items(10)
+    (movement,) = await store.cloud_pending_movements(10)
+    await store.cloud_park("item", spk.id, barcode="SPK001", mark=dirty.mark, error="bad name")
+    await store.cloud_park("movement", movement.id, barcode="SPK001", mark=0, error="bad op")
+    assert await store.cloud_dirty_items(10) == []
+    assert await store.cloud_pending_movements(10) == []
+    parked = await store.cloud_parked()
+    assert [(p.kind, p.row_id, p.error) for p in parked] == [
+        ("item", spk.id, "bad name"),
+        ("movement", movement.id, "bad op"),
+    ]
+    assert (await store.cloud_backlog()).parked == 2
+
+    await store.edit_item(spk.id, {"name": "Speaker 2"})
+    (again,) = await store.cloud_dirty_items(10)
+    assert again.view.name == "Speaker 2"
+    assert await store.cloud_retry_parked() == 2
+    assert len(await store.cloud_pending_movements(10)) == 2  # the add and the edit
+    await drain(store)
+    assert await store.cloud_parked() == []
+
+
+async def test_another_target_pushes_everything_again_and_resets_the_cursor(
+    store: Store,
+) -> None:
+    await store.add_item(NewItem("SPK001", "Speaker", qty=8))
+    assert await store.cloud_use_target("db-one/FLEET") is True
+    await drain(store)
+    await store.apply_cloud_edits([], cursor="42")
+    assert await store.cloud_use_target("db-one/FLEET") is False
+    assert await store.cloud_cursor() == "42"
+    assert await store.cloud_use_target("db-two/FLEET") is True
+    assert (await store.cloud_backlog()).to_json() == {"items": 1, "movements": 1, "parked": 0}
+    assert await store.cloud_cursor() is None
+
+
+async def test_web_edit_is_written_as_writer_cloud_and_reaches_a_peer(
+    open_store: OpenStore,
+) -> None:
+    a = await open_store("A")
+    b = await open_store("B")
+    spk = await a.add_item(NewItem("SPK001", "Speaker", qty=8, location="Aisle 1"))
+    await sync_pair(a, b)
+    hlc = web_hlc(a)
+    edit = CloudEdit(spk.id, {"location": ("Aisle 7", hlc)}, change_id="c1")
+    (view,) = await a.apply_cloud_edits([edit], cursor="100")
+    assert view.location == "Aisle 7" and view.field_hlcs["location"] == hlc
+    assert not view.conflicts
+    assert a.hlc >= hlc, "the clock observed the server HLC"
+    assert await a.cloud_cursor() == "100"
+    history = await a.history(spk.id)
+    assert [(m.op, m.operator) for m in history][-1] == ("edit", "web")
+
+    # Applying the same edit again (a pull may see it twice) changes nothing.
+    assert await a.apply_cloud_edits([edit]) == []
+    await sync_pair(a, b)
+    seen = await b.item("SPK001")
+    assert seen.location == "Aisle 7" and not seen.conflicts
+    # B pulls the same change itself: nothing new, and the history shows it once.
+    assert await b.apply_cloud_edits([edit]) == []
+    assert len(await b.history(spk.id)) == len(history)
+
+
+async def test_web_and_station_edits_of_one_field_resolve_by_hlc(store: Store) -> None:
+    spk = await store.add_item(NewItem("SPK001", "Speaker", qty=8))
+    older = spk.hlc + 1  # a web edit stamped before the station's next edit
+    await store.edit_item(spk.id, {"name": "Station name"})
+    assert await store.apply_cloud_edits([CloudEdit(spk.id, {"name": ("Web name", older)})]) == []
+    assert (await store.item(spk.id)).name == "Station name"
+
+    newer = web_hlc(store)
+    (view,) = await store.apply_cloud_edits([CloudEdit(spk.id, {"name": ("Web name", newer)})])
+    assert view.name == "Web name" and not view.conflicts
+    await store.edit_item(spk.id, {"name": "Later station name"})
+    assert (await store.item(spk.id)).name == "Later station name"
+
+
+async def test_web_stock_is_a_count_and_web_rows_create_items(store: Store) -> None:
+    spk = await store.add_item(NewItem("SPK001", "Speaker", qty=8))
+    await store.checkout(spk.id, 3)
+    (view,) = await store.apply_cloud_edits(
+        [CloudEdit(spk.id, {"stock": (10, web_hlc(store))}, change_id="c2")]
+    )
+    assert view.stock == 10
+    assert view.stock_by_station[CLOUD_WRITER] == 5
+    assert (await store.history(spk.id))[-1].qty == 5
+
+    web_id = "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"
+    hlc = web_hlc(store, 2000)
+    (created,) = await store.apply_cloud_edits(
+        [
+            CloudEdit(
+                web_id,
+                {
+                    "barcode": ("WEB001", hlc),
+                    "name": ("Added on the web", hlc),
+                    "kind": ("bulk", hlc),
+                    "stock": (4, hlc),
+                },
+                change_id="c3",
+            )
+        ]
+    )
+    assert created.id == web_id
+    assert (await store.item("WEB001")).to_json() | {"hlc": 0} == created.to_json() | {"hlc": 0}
+    assert created.stock == 4 and created.name == "Added on the web"
+
+
+async def test_web_edits_with_bad_values_are_skipped_field_by_field(store: Store) -> None:
+    spk = await store.add_item(NewItem("SPK001", "Speaker", qty=8))
+    hlc = web_hlc(store)
+    (view,) = await store.apply_cloud_edits(
+        [CloudEdit(spk.id, {"status": ("stolen", hlc), "notes": ("fine", hlc)})]
+    )
+    assert view.notes == "fine" and view.status == "in"
+    assert await store.apply_cloud_edits([CloudEdit("not-an-id", {"name": ("x", hlc)})]) == []
+
+
+async def test_cursor_and_web_edits_survive_a_restart(open_store: OpenStore) -> None:
+    a = await open_store("A")
+    spk = await a.add_item(NewItem("SPK001", "Speaker", qty=8))
+    hlc = web_hlc(a)
+    await a.apply_cloud_edits([CloudEdit(spk.id, {"name": ("Renamed", hlc)})], cursor="7")
+    path = a.path
+    await a.close()
+    async with Store.open(path, station_id="A", shard_count=8) as again:
+        assert await again.cloud_cursor() == "7"
+        assert (await again.item(spk.id)).name == "Renamed"
+        assert {d.view.id for d in await again.cloud_dirty_items(10)} == {spk.id}
+
+
+async def test_a_web_count_pulled_by_two_stations_counts_once(open_store: OpenStore) -> None:
+    """Both stations apply the same web count from different views of the stock; the
+    difference from the cloud's stock before the edit is the same on both, so they agree
+    after syncing (a difference from each own view would count twice or not at all)."""
+    a = await open_store("A")
+    b = await open_store("B")
+    spk = await a.add_item(NewItem("SPK001", "Speaker", qty=8))
+    await sync_pair(a, b)
+    await a.checkout(spk.id, 1)  # B has not seen it
+    hlc = web_hlc(a)
+    edit = CloudEdit(spk.id, {"stock": (20, hlc)}, change_id="9", stock_before=8)
+    (on_a,) = await a.apply_cloud_edits([edit])
+    (on_b,) = await b.apply_cloud_edits([edit])
+    assert (on_a.stock, on_b.stock) == (19, 20)
+    await sync_pair(a, b)
+    assert (await a.item(spk.id)).stock == (await b.item(spk.id)).stock == 19
+    # A web-created row: the stock before is 0, pulled by a station that never saw it.
+    web_id = "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5c"
+    new = CloudEdit(web_id, {"name": ("Web", hlc), "stock": (4, hlc)}, "10", stock_before=0)
+    await a.apply_cloud_edits([new])
+    await b.apply_cloud_edits([new])
+    await sync_pair(a, b)
+    assert (await a.item(web_id)).stock == (await b.item(web_id)).stock == 4
