@@ -481,7 +481,7 @@ class ControlApi:
     async def fleet_export_ca(self, request: web.Request) -> web.Response:
         data = await _body(request)
         try:
-            pem = await self._admin().export_ca(_text(data, "passphrase", "") or "")
+            pem = await self._admin().export_ca(_passphrase(data))
         except CaProblem as exc:
             raise ApiError(409 if exc.code == "no_ca" else 400, exc.code, str(exc)) from exc
         return web.json_response({"pem": pem.decode("ascii")})
@@ -490,7 +490,7 @@ class ControlApi:
         data = await _body(request)
         pem = (_text(data, "pem", "") or "").encode()
         try:
-            result = await self._admin().import_ca(pem, _text(data, "passphrase", "") or "")
+            result = await self._admin().import_ca(pem, _passphrase(data))
         except CaProblem as exc:
             raise ApiError(400, exc.code, str(exc)) from exc
         return web.json_response(result)
@@ -567,6 +567,14 @@ class ControlApi:
             report = await (bridge.push_now() if kind == "push" else bridge.pull_now())
             return web.json_response(report.to_json())
         return web.json_response({"run": bridge.start_run(kind), "started": True}, status=202)
+
+
+def _passphrase(data: Mapping[str, Any]) -> str:
+    """The passphrase of a CA export or import; never echoed back in an error."""
+    value = data.get("passphrase", "")
+    if not isinstance(value, str):
+        raise InvalidInput("passphrase", "(not shown)", "a string")
+    return value
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -73,6 +73,21 @@ def _serial() -> int:
     return int.from_bytes(os.urandom(16), "big") >> 1
 
 
+def _key_usage(*, signs_certificates: bool) -> x509.KeyUsage:
+    """Signatures only (Ed25519 keys do no encryption); the CA also signs certificates."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=signs_certificates,
+        crl_sign=signs_certificates,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
 def create_ca(name: str = "invsync fleet CA") -> tuple[Ed25519PrivateKey, x509.Certificate]:
     """A new fleet CA: key and self-signed certificate."""
     key = Ed25519PrivateKey.generate()
@@ -93,20 +108,7 @@ def create_ca(name: str = "invsync fleet CA") -> tuple[Ed25519PrivateKey, x509.C
         .not_valid_before(now - BACKDATE)
         .not_valid_after(now + dt.timedelta(days=CA_VALID_DAYS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(signs_certificates=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .sign(key, algorithm=None)
     )
@@ -141,20 +143,7 @@ def issue_station_certificate(
         .not_valid_before(start)
         .not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(signs_certificates=False), critical=True)
         .add_extension(
             x509.ExtendedKeyUsage(
                 [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
@@ -273,24 +262,19 @@ def load_cert(pem: bytes, what: str) -> x509.Certificate:
         raise CertificateProblem(f"{what} is not a PEM certificate") from exc
 
 
-def key_pem(key: Ed25519PrivateKey, passphrase: bytes | None = None) -> bytes:
-    encryption: serialization.KeySerializationEncryption = (
-        serialization.BestAvailableEncryption(passphrase)
-        if passphrase
-        else serialization.NoEncryption()
-    )
+def key_pem(key: Ed25519PrivateKey) -> bytes:
+    """The key as unencrypted PKCS#8 PEM (files on the station are protected by their
+    mode; exports are sealed with a passphrase by :func:`seal_key`)."""
     return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
 
 
-def load_key(pem: bytes, what: str, passphrase: bytes | None = None) -> Ed25519PrivateKey:
+def load_key(pem: bytes, what: str) -> Ed25519PrivateKey:
     try:
-        key = serialization.load_pem_private_key(pem, password=passphrase)
-    except TypeError as exc:  # encrypted without a passphrase, or the other way round
-        raise CertificateProblem(f"{what}: {exc}") from exc
-    except ValueError as exc:
-        raise CertificateProblem(f"{what} cannot be read (wrong passphrase?)") from exc
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (TypeError, ValueError) as exc:
+        raise CertificateProblem(f"{what} cannot be read: {exc}") from exc
     if not isinstance(key, Ed25519PrivateKey):
         raise CertificateProblem(f"{what} is not an Ed25519 key")
     return key

@@ -37,6 +37,8 @@ SYNC_PATH = "/invsync/sync"
 HEARTBEAT = 5.0
 CONNECT_TIMEOUT = 5.0
 TLS_HANDSHAKE_TIMEOUT = 10.0
+#: Connect, TLS handshake and WebSocket upgrade of one dial, all together.
+UPGRADE_TIMEOUT = CONNECT_TIMEOUT + TLS_HANDSHAKE_TIMEOUT
 #: Carries the reason of a refused upgrade back to the dialing station.
 REFUSED_HEADER = "X-Invsync-Refused"
 _HUNG_UP = "the peer hung up after the TLS handshake: it refused our certificate"
@@ -351,14 +353,17 @@ async def dial(address: HostPort, tls: ssl.SSLContext, authorize: Authorize) -> 
     )
     try:
         try:
-            ws = await session.ws_connect(
-                url,
-                heartbeat=HEARTBEAT,
-                max_msg_size=MAX_FRAME,
-                ssl=tls,
-                compress=0,
-                autoping=True,
-            )
+            # Bounded as a whole: a peer that finishes TLS and then never answers the
+            # upgrade must not keep this dial (and its address) waiting for good.
+            async with asyncio.timeout(UPGRADE_TIMEOUT):
+                ws = await session.ws_connect(
+                    url,
+                    heartbeat=HEARTBEAT,
+                    max_msg_size=MAX_FRAME,
+                    ssl=tls,
+                    compress=0,
+                    autoping=True,
+                )
         except aiohttp.WSServerHandshakeError as exc:
             headers = exc.headers
             reason = headers.get(REFUSED_HEADER) if headers and exc.status == 403 else None

@@ -14,20 +14,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import asyncpg
 import pytest
 
 from tests.daemon_harness import INVSYNC, Daemon, short_dir
-from tests.fleet_ca import FleetCA
 from tests.pg_cluster import CloudDatabase, PgCluster
+from tests.stations import Stations, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -40,50 +36,21 @@ PUSH_INTERVAL = "0.5s"
 # ---------------------------------------------------------------------- stations
 
 
-@dataclass
-class CloudFleet:
+class CloudFleet(Stations):
     """Stations of one fleet under ``base``; some with cloud settings."""
 
-    base: Path
-    ca: FleetCA = field(default_factory=FleetCA)
-    stations: list[Daemon] = field(default_factory=list)
-
-    @property
-    def fleet_id(self) -> str:
-        return self.ca.fleet_id
-
-    def station(self, name: str, *extra: str, cloud_url: str | None = None) -> Daemon:
+    def started(self, name: str, *extra: str, cloud_url: str | None = None) -> Daemon:
         """The one place a test station is set up: enrolled in the fleet, its cloud
-        settings in the environment (as a systemd unit's ``Environment=`` would)."""
-        data_dir = self.base / name
-        self.ca.enroll(data_dir)
-        daemon = Daemon(data_dir, self.base / f"{name}.sock", *extra, name=name)
+        settings in the environment (as a systemd unit's ``Environment=`` would), started."""
+        daemon = self.station(name, *extra)
         env = daemon.env
         for variable in [v for v in env if v.startswith("INVSYNC_CLOUD_")]:
             del env[variable]
         if cloud_url is not None:
             env["INVSYNC_CLOUD_URL"] = cloud_url
             env["INVSYNC_CLOUD_PUSH_INTERVAL"] = PUSH_INTERVAL
-        daemon.launch(env=env)
-        daemon.wait_ready(60)
-        self.stations.append(daemon)
+        self.start(daemon, env=env)
         return daemon
-
-    def dispose(self) -> None:
-        unclean = []
-        for daemon in self.stations:
-            try:
-                code = daemon.stop(timeout=20)
-            except Exception as exc:
-                daemon.kill()
-                unclean.append(f"{daemon.name}: {exc}")
-            else:
-                if code != 0:
-                    unclean.append(f"{daemon.name}: exit status {code}")
-        for daemon in self.stations:
-            print(f"----- {daemon.name}\n{daemon.log()[-6000:]}")
-        shutil.rmtree(self.base, ignore_errors=True)
-        assert not unclean, unclean
 
 
 @pytest.fixture
@@ -103,17 +70,6 @@ def cli(daemon: Daemon, *args: str, ok: bool = True) -> Any:
     return json.loads(done.stdout) if done.stdout.strip() else None
 
 
-def wait_until(what: str, timeout: float, condition: Callable[[], T]) -> T:
-    end = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.2)
-
-
 def items(daemon: Daemon) -> dict[str, dict[str, Any]]:
     listed = cli(daemon, "item", "list", "--deleted", "--limit", "100000")["items"]
     return {item["id"]: item for item in listed}
@@ -121,7 +77,7 @@ def items(daemon: Daemon) -> dict[str, dict[str, Any]]:
 
 def connect_peer(fleet: CloudFleet, name: str, hub: Daemon, **kwargs: Any) -> Daemon:
     port = cli(hub, "status")["peers"]["listen_port"]
-    return fleet.station(name, "--peer", f"127.0.0.1:{port}", **kwargs)
+    return fleet.started(name, "--peer", f"127.0.0.1:{port}", **kwargs)
 
 
 # ---------------------------------------------------------------------- the cloud
@@ -195,7 +151,7 @@ def test_stations_push_and_pull_through_the_cloud(
 ) -> None:
     """Two stations with the bridge and one without, syncing as peers: the table follows
     the merged inventory; a web edit reaches a bridge station and then the third one."""
-    a = fleet.station("dock-a", cloud_url=cloud_db.bridge_dsn)
+    a = fleet.started("dock-a", cloud_url=cloud_db.bridge_dsn)
     b = connect_peer(fleet, "dock-b", a, cloud_url=cloud_db.bridge_dsn)
     c = connect_peer(fleet, "office-c", a)
     cli(a, "item", "add", "SPK001", "--name", "QSC K10.2 Speaker", "--qty", "8")
@@ -236,7 +192,7 @@ def test_stations_push_and_pull_through_the_cloud(
 def test_outage_backlog_drains_and_peers_keep_syncing(
     fleet: CloudFleet, cloud_db: CloudDatabase, pg_cluster: PgCluster
 ) -> None:
-    a = fleet.station("dock-a", cloud_url=cloud_db.bridge_dsn)
+    a = fleet.started("dock-a", cloud_url=cloud_db.bridge_dsn)
     b = connect_peer(fleet, "dock-b", a)
     for i in range(20):
         cli(a, "item", "add", f"CBL{i:03d}", "--name", f"Cable {i}", "--qty", "40")
@@ -277,7 +233,7 @@ def test_a_poison_row_is_parked_and_shown_in_cloud_status(
             "alter table inventory_items add constraint no_poison check (name <> 'POISON')",
         )
     )
-    a = fleet.station("dock-a", cloud_url=cloud_db.bridge_dsn)
+    a = fleet.started("dock-a", cloud_url=cloud_db.bridge_dsn)
     for i in range(10):
         cli(a, "item", "add", f"CBL{i:03d}", "--name", f"Cable {i}", "--qty", "4")
     cli(a, "item", "add", "BAD001", "--name", "POISON", "--qty", "1")
@@ -302,7 +258,7 @@ def test_a_poison_row_is_parked_and_shown_in_cloud_status(
 def test_cloud_push_and_pull_report_what_they_did(
     fleet: CloudFleet, cloud_db: CloudDatabase
 ) -> None:
-    a = fleet.station("dock-a", cloud_url=cloud_db.bridge_dsn)
+    a = fleet.started("dock-a", cloud_url=cloud_db.bridge_dsn)
     cli(a, "item", "add", "SPK001", "--name", "Speaker", "--qty", "8")
     pushed = cli(a, "cloud", "push")
     assert pushed["ok"] and pushed["kind"] == "push"

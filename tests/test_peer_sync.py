@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import json
 import os
 import re
-import shutil
 import signal
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,7 +36,7 @@ import aiohttp
 import pycrdt
 import pytest
 
-from cli.client import ApiFailure, ControlClient, item_route
+from cli.client import ControlClient, item_route
 from daemon.protocol import (
     MAX_FRAME,
     Digest,
@@ -50,7 +48,21 @@ from daemon.protocol import (
 )
 from daemon.transport import CLOSE_PROTOCOL, CLOSE_REFUSED, SYNC_PATH
 from tests.daemon_harness import Daemon, short_dir
-from tests.fleet_ca import FleetCA
+from tests.stations import (
+    Stations,
+    add_item,
+    api,
+    checkout,
+    cli_json,
+    connected,
+    find,
+    item_count,
+    listen_port,
+    peer_list,
+    station_id,
+    stock,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -64,148 +76,13 @@ SETTLE_TIMEOUT = 40.0
 # ---------------------------------------------------------------------- stations
 
 
-@dataclass
-class Fleet:
-    """Stations of one fleet, each in its own data directory under ``base``."""
-
-    base: Path
-    ca: FleetCA = field(default_factory=FleetCA)
-    stations: list[Daemon] = field(default_factory=list)
-
-    def station(self, name: str, *extra: str, mdns: bool = False) -> Daemon:
-        data_dir = self.base / name
-        self.ca.enroll(data_dir)
-        daemon = Daemon(data_dir, self.base / f"{name}.sock", *extra, name=name, mdns=mdns)
-        self.stations.append(daemon)
-        return daemon
-
-    def start(self, *daemons: Daemon) -> None:
-        """Start several stations at once (mDNS start-up takes seconds each)."""
-        for daemon in daemons:
-            daemon.launch()
-        for daemon in daemons:
-            daemon.wait_ready(60.0)
-
-    def close(self) -> list[str]:
-        """Stop every station; returns those that did not stop cleanly on SIGTERM."""
-        unclean = []
-        for daemon in self.stations:
-            if daemon.proc is None:
-                continue
-            if daemon.proc.poll() is None:
-                daemon.proc.send_signal(signal.SIGCONT)  # in case a test left it stopped
-            try:
-                code = daemon.stop(timeout=20)
-            except Exception as exc:
-                daemon.kill()
-                unclean.append(f"{daemon.name}: {exc}")
-            else:
-                if code != 0:
-                    unclean.append(f"{daemon.name}: exit status {code}")
-        return unclean
-
-    def dispose(self) -> None:
-        """Stop everything, show the logs (pytest prints them if the test failed), and
-        fail if a station did not stop cleanly: SIGTERM must always stop a station."""
-        try:
-            unclean = self.close()
-            for log in dict.fromkeys(daemon.log_path for daemon in self.stations):
-                text = log.read_text(errors="replace") if log.exists() else ""
-                print(f"----- {log.name}\n{text[-6000:]}")
-        finally:
-            shutil.rmtree(self.base, ignore_errors=True)
-        assert not unclean, unclean
-
-
 @pytest.fixture
-def fleet() -> Iterator[Fleet]:
-    fleet = Fleet(short_dir("ps"))
+def fleet() -> Iterator[Stations]:
+    fleet = Stations(short_dir("ps"))
     try:
         yield fleet
     finally:
         fleet.dispose()
-
-
-def api(
-    daemon: Daemon,
-    method: str,
-    route: str,
-    body: dict[str, Any] | None = None,
-    query: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """One control API call, as the CLI makes it."""
-    client = ControlClient(daemon.socket_path, timeout=120)
-    try:
-        return client.request(method, route, body, query)
-    finally:
-        client.close()
-
-
-def cli_json(daemon: Daemon, *args: str, timeout: float = 120.0) -> Any:
-    result = daemon.cli("--json", *args, timeout=timeout)
-    assert result.returncode == 0, (args, result.stdout, result.stderr)
-    return json.loads(result.stdout)
-
-
-def station_id(daemon: Daemon) -> str:
-    value = api(daemon, "GET", "status")["station"]["id"]
-    assert isinstance(value, str)
-    return value
-
-
-def listen_port(daemon: Daemon) -> int:
-    return int(api(daemon, "GET", "status")["peers"]["listen_port"])
-
-
-def peer_list(daemon: Daemon) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = api(daemon, "GET", "peers")["peers"]
-    return found
-
-
-def connected(daemon: Daemon) -> set[str]:
-    return {p["station_id"] for p in peer_list(daemon) if p["state"] == "connected"}
-
-
-def find(daemon: Daemon, barcode: str) -> dict[str, Any] | None:
-    try:
-        (item,) = api(daemon, "GET", item_route(barcode))["items"]
-    except ApiFailure as exc:
-        if exc.status == 404:
-            return None
-        raise
-    assert isinstance(item, dict)
-    return item
-
-
-def stock(daemon: Daemon, barcode: str) -> int | None:
-    item = find(daemon, barcode)
-    return None if item is None else int(item["stock"])
-
-
-def item_count(daemon: Daemon) -> int:
-    return int(api(daemon, "GET", "status")["items"])
-
-
-def wait_until(what: str, timeout: float, condition: Callable[[], T]) -> T:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last: T = condition()
-    while not last:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"waited {timeout:g}s for {what}; last saw {last!r}")
-        time.sleep(0.1)
-        last = condition()
-    return last
-
-
-def add_item(daemon: Daemon, barcode: str, name: str, qty: int) -> dict[str, Any]:
-    body = {"barcode": barcode, "name": name, "qty": qty}
-    item: dict[str, Any] = api(daemon, "POST", "items", body)["item"]
-    return item
-
-
-def checkout(daemon: Daemon, barcode: str, qty: int) -> None:
-    api(daemon, "POST", item_route(barcode, "checkout"), {"qty": qty})
 
 
 def wait_all_connected(daemons: list[Daemon], timeout: float = DISCOVERY_TIMEOUT) -> None:
@@ -240,7 +117,7 @@ def write_catalog(path: Path, rows: int) -> None:
 # ---------------------------------------------------------------------- mDNS
 
 
-def test_three_stations_found_by_mdns_share_items_stock_and_conflicts(fleet: Fleet) -> None:
+def test_three_stations_found_by_mdns_share_items_stock_and_conflicts(fleet: Stations) -> None:
     """Three stations with mDNS on 127.0.0.1 and no static peers find each other; an item
     added on one appears on all; checkouts made at the same moment on all three add up
     exactly everywhere; and one field edited on two stations while they were apart
@@ -325,7 +202,7 @@ def test_three_stations_found_by_mdns_share_items_stock_and_conflicts(fleet: Fle
         assert item["stock"] == 40
 
 
-def test_five_stations_found_by_mdns_all_connect_and_share_an_item(fleet: Fleet) -> None:
+def test_five_stations_found_by_mdns_all_connect_and_share_an_item(fleet: Stations) -> None:
     stations = [fleet.station(f"st-{i}", mdns=True) for i in range(5)]
     fleet.start(*stations)
     ids = {station_id(d) for d in stations}
@@ -350,7 +227,7 @@ def test_five_stations_found_by_mdns_all_connect_and_share_an_item(fleet: Fleet)
 # ---------------------------------------------------------------------- static peers
 
 
-def test_peer_exchange_connects_stations_that_were_told_only_one_peer(fleet: Fleet) -> None:
+def test_peer_exchange_connects_stations_that_were_told_only_one_peer(fleet: Stations) -> None:
     """A and C each know only B; B tells them about each other and they connect
     directly, so an item added on A reaches C even after B has gone."""
     b = fleet.station("hub-b")
@@ -369,7 +246,7 @@ def test_peer_exchange_connects_stations_that_were_told_only_one_peer(fleet: Fle
     wait_until("CASE-1 on dock-c without hub-b", SETTLE_TIMEOUT, lambda: stock(c, "CASE-1") == 3)
 
 
-def test_updates_are_relayed_along_a_line_of_stations(fleet: Fleet) -> None:
+def test_updates_are_relayed_along_a_line_of_stations(fleet: Stations) -> None:
     """A–B–C where A and C cannot reach each other: changes on either end reach the
     other end through B (relay), not over a direct link."""
     b = fleet.station("mid-b")
@@ -409,9 +286,9 @@ def test_updates_are_relayed_along_a_line_of_stations(fleet: Fleet) -> None:
 
 
 @pytest.fixture(scope="module")
-def catalog_fleet() -> Iterator[tuple[Fleet, Daemon, Daemon]]:
+def catalog_fleet() -> Iterator[tuple[Stations, Daemon, Daemon]]:
     """Stations A and B sharing a 10 000-item catalog imported on A with ``invsync import``."""
-    fleet = Fleet(short_dir("ps"))
+    fleet = Stations(short_dir("ps"))
     try:
         a = fleet.station("office-a")
         fleet.start(a)
@@ -428,7 +305,7 @@ def catalog_fleet() -> Iterator[tuple[Fleet, Daemon, Daemon]]:
 
 
 def test_new_station_catches_up_with_a_10k_item_fleet(
-    catalog_fleet: tuple[Fleet, Daemon, Daemon],
+    catalog_fleet: tuple[Stations, Daemon, Daemon],
 ) -> None:
     fleet, a, _ = catalog_fleet
     new = fleet.station("new-n", "--peer", f"127.0.0.1:{listen_port(a)}")
@@ -450,7 +327,7 @@ def bytes_received(daemon: Daemon) -> int:
 
 
 def test_station_back_after_a_day_away_catches_up_with_diffs(
-    catalog_fleet: tuple[Fleet, Daemon, Daemon],
+    catalog_fleet: tuple[Stations, Daemon, Daemon],
 ) -> None:
     """C joins (receiving the whole inventory), is switched off, A and B record 2000
     checkouts, C comes back: it ends with the same stock and history, having received
@@ -559,7 +436,7 @@ async def raw_session(
             return Closed(ws.close_code, str(received.type), frames)
 
 
-def test_garbage_from_a_peer_closes_that_link_only(fleet: Fleet) -> None:
+def test_garbage_from_a_peer_closes_that_link_only(fleet: Stations) -> None:
     """A live daemon fed malformed frames closes each such link with a reason and keeps
     syncing with its real peer; nothing the garbage carried reaches its inventory."""
     a = fleet.station("dock-a")
@@ -622,7 +499,7 @@ def test_garbage_from_a_peer_closes_that_link_only(fleet: Fleet) -> None:
 # ---------------------------------------------------------------------- what people see
 
 
-def test_peers_and_sync_commands_show_the_fleet(fleet: Fleet) -> None:
+def test_peers_and_sync_commands_show_the_fleet(fleet: Stations) -> None:
     a = fleet.station("office-a")
     fleet.start(a)
     hub = f"127.0.0.1:{listen_port(a)}"
@@ -679,7 +556,7 @@ def test_peers_and_sync_commands_show_the_fleet(fleet: Fleet) -> None:
     assert peer_b["lacking"] is None
 
 
-def test_status_says_in_sync_after_the_peer_made_every_change(fleet: Fleet) -> None:
+def test_status_says_in_sync_after_the_peer_made_every_change(fleet: Stations) -> None:
     """Only B writes; once A has B's changes, A's status must not keep reporting changes
     to send (the peer's own writes used to count as 'lacking' until a manual sync)."""
     config = fleet.base / "fast.toml"

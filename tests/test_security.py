@@ -19,7 +19,6 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +46,15 @@ from daemon.protocol import MAX_FRAME, Hello, decode_frame
 from daemon.transport import CLOSE_PROTOCOL, CLOSE_REFUSED, SYNC_PATH
 from tests.daemon_harness import Daemon, short_dir
 from tests.fleet_ca import FleetCA
-from tests.test_peer_sync import (
+from tests.stations import (
+    Stations,
     add_item,
     api,
     cli_json,
     connected,
     find,
     listen_port,
+    peer_at,
     station_id,
     wait_until,
 )
@@ -61,49 +62,13 @@ from tests.test_peer_sync import (
 CONNECT_TIMEOUT = 30.0
 
 
-@dataclass
-class Site:
-    """Stations of a test, each in its own data directory under ``base``."""
-
-    base: Path
-    stations: list[Daemon] = field(default_factory=list)
-
-    def station(
-        self, name: str, *extra: str, ca: FleetCA | None = None, admin: bool = False
-    ) -> Daemon:
-        """A station; enrolled offline in ``ca`` if given, else it founds its own fleet."""
-        data_dir = self.base / name
-        if ca is not None:
-            ca.enroll(data_dir, holds_ca=admin)
-        daemon = Daemon(data_dir, self.base / f"{name}.sock", *extra, name=name)
-        self.stations.append(daemon)
-        return daemon
-
-    def dispose(self) -> None:
-        try:
-            for daemon in self.stations:
-                try:
-                    daemon.stop()
-                except Exception:
-                    daemon.kill()
-            for log in dict.fromkeys(d.log_path for d in self.stations):
-                text = log.read_text(errors="replace") if log.exists() else ""
-                print(f"----- {log.name}\n{text[-5000:]}")
-        finally:
-            shutil.rmtree(self.base, ignore_errors=True)
-
-
 @pytest.fixture
-def site() -> Iterator[Site]:
-    site = Site(short_dir("sec"))
+def site() -> Iterator[Stations]:
+    site = Stations(short_dir("sec"))
     try:
         yield site
     finally:
         site.dispose()
-
-
-def peer_at(daemon: Daemon) -> str:
-    return f"127.0.0.1:{listen_port(daemon)}"
 
 
 def barcodes(daemon: Daemon) -> set[str]:
@@ -142,7 +107,7 @@ def self_signed_station(data_dir: Path) -> None:
 # ---------------------------------------------------------------------- who gets in
 
 
-def test_only_enrolled_stations_get_the_inventory(site: Site) -> None:
+def test_only_enrolled_stations_get_the_inventory(site: Stations) -> None:
     """Enrolled stations sync. A station of another fleet, one with a self-made
     certificate, one with an expired certificate, a plain WebSocket client and a TLS
     client without a certificate each get nothing and change nothing; the refusals are
@@ -159,7 +124,7 @@ def test_only_enrolled_stations_get_the_inventory(site: Site) -> None:
     self_made = Daemon(site.base / "self-made", site.base / "self-made.sock", "--peer", peer_at(a))
     self_signed_station(self_made.data_dir)
     site.stations.append(self_made)
-    expired = site.station("expired", "--peer", peer_at(a))
+    expired = site.station("expired", "--peer", peer_at(a), own_fleet=True)
     ca.enroll(expired.data_dir, not_after=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))
     outsiders = [stranger, self_made, expired]
     for daemon in outsiders:
@@ -222,7 +187,7 @@ def test_only_enrolled_stations_get_the_inventory(site: Site) -> None:
     assert "Refused connections" in peers_text and "not TLS" in peers_text
 
 
-def test_a_revoked_station_is_dropped_everywhere_also_where_it_was_offline(site: Site) -> None:
+def test_a_revoked_station_is_dropped_everywhere_also_where_it_was_offline(site: Stations) -> None:
     """``fleet revoke`` on the admin station cuts the station off there at once; the
     revocation spreads through the fleet doc, so another station drops its open link to
     the revoked one, and a station that was offline when it happened learns it from the
@@ -292,12 +257,12 @@ def invite(daemon: Daemon, *args: str) -> dict[str, Any]:
     return data
 
 
-def test_a_new_station_joins_with_a_token_and_keeps_its_items(site: Site) -> None:
+def test_a_new_station_joins_with_a_token_and_keeps_its_items(site: Stations) -> None:
     """Zero-config stations each found a fleet; ``fleet join`` with a token from the
     first moves the second into it, and both inventories merge."""
-    a = site.station("office")
+    a = site.station("office", own_fleet=True)
     a.start()
-    b = site.station("dock")
+    b = site.station("dock", own_fleet=True)
     b.start()
     assert cli_json(a, "fleet", "id")["holds_ca"] is True
     add_item(a, "SPK-1", "Speaker", 4)
@@ -323,7 +288,7 @@ def test_a_new_station_joins_with_a_token_and_keeps_its_items(site: Site) -> Non
     assert members[station_id(b)]["revoked"] is False
 
     # The token was single-use: a third station cannot reuse it, and stays as it was.
-    c = site.station("van")
+    c = site.station("van", own_fleet=True)
     c.start()
     before = (c.data_dir / STATION_CERT_FILE).read_bytes(), cli_json(c, "fleet", "id")
     reused = c.cli("--json", "fleet", "join", token["token"])
@@ -333,12 +298,12 @@ def test_a_new_station_joins_with_a_token_and_keeps_its_items(site: Site) -> Non
     assert cli_json(c, "fleet", "id") == before[1]
 
 
-def test_bad_tokens_are_refused_and_change_nothing(site: Site) -> None:
-    a = site.station("office")
+def test_bad_tokens_are_refused_and_change_nothing(site: Stations) -> None:
+    a = site.station("office", own_fleet=True)
     a.start()
-    other = site.station("elsewhere")
+    other = site.station("elsewhere", own_fleet=True)
     other.start()
-    c = site.station("van")
+    c = site.station("van", own_fleet=True)
     c.start()
     add_item(c, "VAN-1", "Van kit", 1)
     before = cli_json(c, "fleet", "id"), (c.data_dir / STATION_CERT_FILE).read_bytes()
@@ -385,10 +350,10 @@ async def _post_enrollment(port: int, body: object) -> tuple[int, Any]:
             return response.status, await response.json(content_type=None)
 
 
-def test_a_tampered_certificate_request_is_refused(site: Site) -> None:
+def test_a_tampered_certificate_request_is_refused(site: Stations) -> None:
     """The proof binds the token to one CSR: a CSR altered on the way, or one whose name
     is not its key's id, gets no certificate — and does not use up the token."""
-    a = site.station("office")
+    a = site.station("office", own_fleet=True)
     a.start()
     port = listen_port(a)
     token = decode_token(invite(a)["token"])
@@ -444,14 +409,14 @@ def test_a_tampered_certificate_request_is_refused(site: Site) -> None:
     assert pki.station_id_of_certificate(issued) == station_id_of(pki.public_raw(key.public_key()))
 
 
-def test_join_on_first_start_and_ca_custody(site: Site) -> None:
+def test_join_on_first_start_and_ca_custody(site: Stations) -> None:
     """``invsyncd --join TOKEN`` enrolls on first start (and is a no-op on later
     starts); ``export-ca``/``import-ca`` make another station an admin that can invite."""
-    a = site.station("office")
+    a = site.station("office", own_fleet=True)
     a.start()
     add_item(a, "SPK-1", "Speaker", 4)
     token = invite(a)["token"]
-    b = site.station("dock", "--join", token)
+    b = site.station("dock", "--join", token, own_fleet=True)
     b.start()
     wait_until("dock has SPK-1", CONNECT_TIMEOUT, lambda: find(b, "SPK-1"))
     assert b.stop() == 0
@@ -474,7 +439,7 @@ def test_join_on_first_start_and_ca_custody(site: Site) -> None:
     no_ca = b.cli("--json", "fleet", "invite")
     assert json.loads(no_ca.stdout)["error"]["code"] == "no_ca"
 
-    elsewhere = site.station("elsewhere")
+    elsewhere = site.station("elsewhere", own_fleet=True)
     elsewhere.start()
     foreign = site.base / "foreign.pem"
     assert (
@@ -491,14 +456,14 @@ def test_join_on_first_start_and_ca_custody(site: Site) -> None:
     assert cli_json(b, "fleet", "id")["holds_ca"] is True
     # The office is lost; the dock enrolls a new station on its own.
     assert a.stop() == 0
-    c = site.station("van")
+    c = site.station("van", own_fleet=True)
     c.start()
     assert c.cli("fleet", "join", invite(b)["token"]).returncode == 0
     wait_until("van has SPK-1 from the dock", CONNECT_TIMEOUT, lambda: find(c, "SPK-1"))
 
 
-def test_key_files_other_users_could_read_stop_the_daemon(site: Site) -> None:
-    a = site.station("office")
+def test_key_files_other_users_could_read_stop_the_daemon(site: Stations) -> None:
+    a = site.station("office", own_fleet=True)
     a.start()
     assert a.stop() == 0
     for path, mode, fix in (
@@ -558,7 +523,7 @@ class Recorder:
         self._server.close()
 
 
-def test_a_capture_of_a_sync_session_holds_no_item_names_or_barcodes(site: Site) -> None:
+def test_a_capture_of_a_sync_session_holds_no_item_names_or_barcodes(site: Stations) -> None:
     ca = FleetCA()
     a = site.station("office", ca=ca, admin=True)
     a.start()
