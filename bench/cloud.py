@@ -2,7 +2,7 @@
 
 A throwaway PostgreSQL cluster (the test fixture's ``PgCluster``, with ``fsync=off``) gets
 the SQL contract; a station's store on the real disk is filled with a rental catalog and
-pushed by a ``CloudBridge`` over asyncpg as the ``invsync_bridge`` role:
+pushed by a ``CloudBridge`` over asyncpg as a member of the ``invsync_bridge`` role:
 
 - ``push``: wall time of the first push of N items and their N "add" movements;
 - ``one_change``: rows written in the database when 1 item of N changes (a checkout):
@@ -127,7 +127,14 @@ async def _measure(cluster: PgCluster, items: int, samples: int, scratch: Path) 
     finally:
         await conn.close()
     await migrate(cluster.dsn(DATABASE))
-    bridge_dsn = cluster.dsn(DATABASE, "invsync_bridge")
+    conn = await asyncpg.connect(admin)
+    try:
+        # invsync_bridge is a group role: stations log in as a member of it.
+        if not await conn.fetchval("select 1 from pg_roles where rolname = 'bench_station'"):
+            await conn.execute("create role bench_station login in role invsync_bridge")
+    finally:
+        await conn.close()
+    bridge_dsn = cluster.dsn(DATABASE, "bench_station")
     web_dsn = cluster.dsn(DATABASE, "authenticator")
     result: Json = {"items": items}
     async with Store.open(scratch / "station.db", station_id="bench-a") as store:

@@ -837,6 +837,14 @@ def _cloud_status_text(data: dict[str, Any]) -> str:
         lines.append("by 'invsync cloud push'):")
         rows = [(p["kind"], p["barcode"], p["id"], p["error"]) for p in data["parked"]]
         lines.append(output.table(("KIND", "BARCODE", "ID", "ERROR"), rows))
+    if data.get("refused"):
+        lines.append("")
+        lines.append("Web values refused (the stations' values were pushed back):")
+        rows = [
+            (r["barcode"] or r["item"], r["field"], r["value"], r["reason"])
+            for r in data["refused"]
+        ]
+        lines.append(output.table(("ITEM", "FIELD", "VALUE", "REASON"), rows))
     return "\n".join(lines)
 
 

@@ -15,10 +15,19 @@ Failures never stop the station:
 - :class:`CloudDataError` (the server refused a batch for what is in it): the batch is
   bisected until the rows that fail alone are found; they are *parked* (durably, listed
   in status) and every other row is pushed. A parked item is tried again when it changes.
+  If every row fails alone, and all the same way, the request itself is at fault (a
+  contract mismatch, a permission): nothing is parked and the round backs off instead.
+- A statement timeout (SQLSTATE 57014) halves the batch size, down to one row, and the
+  round goes on; after a run of confirmed batches the size doubles again, up to
+  ``batch_size``.
 
 The pull applies web edits as writer ``cloud`` with the server's HLC and stores the cursor
 in the same commit. ``pull_changes`` only returns web edits (rows the bridge writes are
-not logged as web edits), so the bridge never re-applies its own pushes.
+not logged as web edits), so the bridge never re-applies its own pushes. A web value the
+station refuses is reported (status ``refused``); the station pushes its own value back.
+When the database answers with another id than the one recorded, or says the cursor does
+not fit it (``reset``: restored, or made again at the same URL), the outbox starts over
+as for a new target: everything is pushed again and the pull starts from the beginning.
 """
 
 from __future__ import annotations
@@ -34,9 +43,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from crdt_store import ItemView, Movement, Store, StoreError
-from crdt_store.cloud import CLOUD_WRITER, CloudEdit, DirtyItem
-from daemon.config import CloudConfig
+from crdt_store import ItemView, Movement, Store, StoreClosed, StoreError
+from crdt_store.cloud import CLOUD_WRITER, CloudEdit, DirtyItem, RefusedValue
+from daemon.config import CloudConfig, redact_url
 
 from .transport import (
     CloudConfigError,
@@ -60,6 +69,10 @@ BACKOFF_BASE = 1.0
 BACKOFF_CAP = 300.0
 #: Manual runs whose reports are kept for ``status``.
 _KEPT_REPORTS = 16
+#: Refused web values kept for ``status``.
+_KEPT_REFUSED = 20
+#: Confirmed batches in a row after which a batch size cut by timeouts doubles again.
+_GROW_AFTER = 8
 
 RunKind = Literal["push", "pull"]
 Sleep = Callable[[float], Awaitable[None]]
@@ -69,7 +82,8 @@ Progress = Callable[["RunReport"], None]
 def full_jitter(attempt: int, *, base: float, cap: float, draw: Callable[[], float]) -> float:
     """Seconds to wait before retry ``attempt`` (1, 2, ...): uniform in [0, min(cap,
     base * 2**(attempt-1)))."""
-    ceiling = min(cap, base * 2.0 ** min(attempt - 1, 62))
+    # attempt 0 (no failure counted) would wait below base/2: never spin faster than base.
+    ceiling = min(cap, base * 2.0 ** min(max(attempt, 1) - 1, 62))
     return draw() * ceiling
 
 
@@ -77,8 +91,12 @@ def target_of(url: str, fleet: str) -> str:
     """Which database and fleet the outbox refers to, without credentials."""
     parts = urlsplit(url)
     host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    try:
+        port = parts.port
+    except ValueError:  # a malformed port: the transport says so on its first call
+        port = None
+    if port:
+        host = f"{host}:{port}"
     return f"{parts.scheme}://{host}{parts.path}#{fleet}"
 
 
@@ -91,7 +109,11 @@ def transport_name(url: str | None) -> str | None:
 def encode_item(view: ItemView) -> dict[str, Any]:
     """An item as ``merge_inventory`` takes it: each field with the HLC of its winning
     slot (and, when slots disagree, the winning station, which breaks HLC ties the way the
-    CRDT does), and stock with its version."""
+    CRDT does), and stock as ``[value, version, kind HLC]``.
+
+    A version is only comparable under one kind (a counter sum for bulk, a status HLC for
+    a unit), so the cloud orders stock by ``(kind HLC, version)``: after a kind change the
+    first view with the new kind replaces the stock, whatever its version."""
     conflicted = {conflict.field: conflict for conflict in view.conflicts}
     fields: dict[str, list[Any]] = {}
     for name, hlc in view.field_hlcs.items():
@@ -109,15 +131,20 @@ def encode_item(view: ItemView) -> dict[str, Any]:
         # Each counter slot's HLC only grows and slots are only added, so a view that knows
         # more has a larger sum: stock only ever moves to a more complete view.
         version = sum(view.stock_hlcs.values())
-    return {"id": view.id, "fields": fields, "stock": [view.stock, version]}
+    kind_hlc = view.field_hlcs.get("kind", 0)
+    return {"id": view.id, "fields": fields, "stock": [view.stock, version, kind_hlc]}
 
 
 def encode_movement(movement: Movement) -> dict[str, Any]:
     return movement.to_json()
 
 
-def decode_changes(changes: object) -> list[CloudEdit]:
-    """Web edits from ``pull_changes``; malformed entries are logged and skipped."""
+def decode_changes(changes: object, *, database: str | None = None) -> list[CloudEdit]:
+    """Web edits from ``pull_changes``; malformed entries are logged and skipped.
+
+    A change id is only unique in the database that numbered it, so the database's id,
+    when it gives one, is part of the change id the stations record (and key a web count
+    by)."""
     edits: list[CloudEdit] = []
     if not isinstance(changes, list):
         raise CloudDataError(f"pull_changes returned {type(changes).__name__}, not a list")
@@ -131,12 +158,17 @@ def decode_changes(changes: object) -> list[CloudEdit]:
             }
             stock = raw_fields.get("stock")
             before = stock[2] if isinstance(stock, list) and len(stock) >= 3 else None
+            change_id = str(change.get("change_id", ""))
+            if change_id and database:
+                change_id = f"{database}/{change_id}"
             edits.append(
                 CloudEdit(
                     str(change["item"]),
                     fields,
-                    str(change.get("change_id", "")),
-                    stock_before=before if isinstance(before, int) else None,
+                    change_id,
+                    stock_before=(
+                        before if isinstance(before, int) and not isinstance(before, bool) else None
+                    ),
                 )
             )
         except (KeyError, TypeError, ValueError, AttributeError):
@@ -163,6 +195,8 @@ class RunReport:
     movements: int = 0
     parked: int = 0
     changes: int = 0
+    #: Web values the station refused (a pull); its own values are pushed back.
+    refused: int = 0
     #: Rows the database changed or added (what ``merge_inventory`` answered): a replay
     #: or a stale batch adds nothing.
     rows_changed: int = 0
@@ -182,10 +216,20 @@ class RunReport:
             "movements": self.movements,
             "parked": self.parked,
             "changes": self.changes,
+            "refused": self.refused,
             "rows_changed": self.rows_changed,
             "total": self.total,
             "error": self.error,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    """One row (an item or a movement) the cloud refused alone, and why."""
+
+    dirty: Sequence[DirtyItem]
+    movements: Sequence[Movement]
+    error: CloudDataError
 
 
 @dataclass(slots=True)
@@ -197,6 +241,8 @@ class _Health:
     failures: int = 0
     next_retry: float | None = None
     reports: dict[int, RunReport] = field(default_factory=dict)
+    #: The latest web values refused, with when (newest last).
+    refused: list[tuple[RefusedValue, float]] = field(default_factory=list)
 
 
 class CloudBridge:
@@ -253,6 +299,9 @@ class CloudBridge:
         self._loop_task: asyncio.Task[None] | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._closed = False
+        #: Rows per batch now: ``batch_size``, or less after statement timeouts.
+        self._batch_limit = batch_size
+        self._confirmed_in_row = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -305,12 +354,7 @@ class CloudBridge:
     @property
     def url(self) -> str:
         assert self.config.url
-        parts = urlsplit(self.config.url)
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        user = f"{parts.username}@" if parts.username else ""
-        return f"{parts.scheme}://{user}{host}{parts.path}"
+        return redact_url(self.config.url)
 
     def _on_commit(self, update: Any) -> None:
         if update.doc.startswith(("items/", "ledger/")):
@@ -327,29 +371,33 @@ class CloudBridge:
                     await self._push(RunReport("push", started_at=self._clock()))
                     await self._pull(RunReport("pull", started_at=self._clock()))
             except CloudUnavailable:
-                delay = full_jitter(
-                    self._health.failures,
-                    base=self.backoff_base,
-                    cap=self.backoff_cap,
-                    draw=self._draw,
+                await self._back_off(
+                    full_jitter(
+                        self._health.failures,
+                        base=self.backoff_base,
+                        cap=self.backoff_cap,
+                        draw=self._draw,
+                    )
                 )
-                self._health.next_retry = self._clock() + delay
-                self._recovered.clear()
-                # A change does not cut the backoff short; a manual run that gets
-                # through does.
-                await self._wait(self._recovered, delay)
                 continue
-            except StoreError as exc:
+            except StoreClosed as exc:
                 # The store stopped (fail-stop) or is closing: the daemon is going down.
                 _LOGGER.warning("cloud bridge stops: %s", exc)
                 return
             except Exception as exc:
-                # A bug must not take the station down, nor spin: report it, wait, retry.
+                # A bug, or a store error that is not the store going away, must not take
+                # the station down, nor spin: report it, wait, retry.
                 self._unexpected(RunReport("push"), exc)
-                await self._sleep(self.backoff_cap)
+                await self._back_off(self.backoff_cap)
                 continue
             if await self._wait(self._changed, self.config.push_interval):
                 await self._sleep(self.debounce)
+
+    async def _back_off(self, delay: float) -> None:
+        self._health.next_retry = self._clock() + delay
+        self._recovered.clear()
+        # A change does not cut the backoff short; a manual run that gets through does.
+        await self._wait(self._recovered, delay)
 
     async def _wait(self, event: asyncio.Event, seconds: float) -> bool:
         """Wait for ``event`` or ``seconds`` (on the injectable sleep); returns
@@ -369,19 +417,20 @@ class CloudBridge:
         return event.is_set()
 
     def _failed(self, report: RunReport, exc: Exception) -> None:
+        """A failed run: reported, and counted, whatever the cause (the backoff grows
+        with the count, so a setting that cannot work does not spin)."""
         report.error = str(exc) or type(exc).__name__
         report.finished_at = self._clock()
         self._health.last_error = f"{report.kind}: {report.error}"
         self._health.last_error_at = report.finished_at
-        if isinstance(exc, CloudUnavailable):
-            self._health.failures += 1
-            if self._health.failures in (1, 10) or self._health.failures % 100 == 0:
-                _LOGGER.warning(
-                    "cloud %s failed (%d in a row), will retry: %s",
-                    report.kind,
-                    self._health.failures,
-                    report.error,
-                )
+        self._health.failures += 1
+        if self._health.failures in (1, 10) or self._health.failures % 100 == 0:
+            _LOGGER.warning(
+                "cloud %s failed (%d in a row), will retry: %s",
+                report.kind,
+                self._health.failures,
+                report.error,
+            )
 
     def _succeeded(self, report: RunReport) -> None:
         report.ok = True
@@ -411,13 +460,24 @@ class CloudBridge:
             transport = self._connect()
             after = ""
             while True:
-                dirty = await self.store.cloud_dirty_items(self.batch_size, after=after)
-                movements = await self.store.cloud_pending_movements(self.batch_size)
+                size = self._batch_limit
+                dirty = await self.store.cloud_dirty_items(size, after=after)
+                movements = await self.store.cloud_pending_movements(size)
                 if not dirty and not movements:
                     break
+                try:
+                    await self._merge_batch(transport, report, dirty, movements)
+                except CloudUnavailable as exc:
+                    if not exc.timed_out or size <= 1:
+                        raise
+                    # The server is there but this much work does not fit its statement
+                    # timeout: the same rows again, in smaller batches. What was
+                    # confirmed has left the outbox; nothing was parked yet.
+                    self._shrink_batches(exc)
+                    continue
+                self._batch_confirmed()
                 if dirty:
                     after = dirty[-1].view.id
-                await self._merge(transport, report, dirty, movements)
                 if progress is not None:
                     progress(report)
         except (CloudUnavailable, CloudConfigError) as exc:
@@ -430,14 +490,58 @@ class CloudBridge:
         self._health.last_push = report
         return report
 
-    async def _merge(
+    def _shrink_batches(self, exc: CloudUnavailable) -> None:
+        self._batch_limit = max(1, self._batch_limit // 2)
+        self._confirmed_in_row = 0
+        _LOGGER.warning(
+            "cloud push timed out (%s); pushing %d rows per batch for now",
+            exc,
+            self._batch_limit,
+        )
+
+    def _batch_confirmed(self) -> None:
+        if self._batch_limit >= self.batch_size:
+            return
+        self._confirmed_in_row += 1
+        if self._confirmed_in_row >= _GROW_AFTER:
+            self._batch_limit = min(self.batch_size, self._batch_limit * 2)
+            self._confirmed_in_row = 0
+            _LOGGER.info("cloud push: %d rows per batch again", self._batch_limit)
+
+    async def _merge_batch(
         self,
         transport: CloudTransport,
         report: RunReport,
         dirty: Sequence[DirtyItem],
         movements: Sequence[Movement],
     ) -> None:
-        """Merge one batch; on a data error, bisect it and park the rows that fail alone."""
+        """Merge one batch; rows refused for their data are parked, unless every row was
+        refused alone and the same way, which a bad request does, not bad rows."""
+        refused: list[_Refusal] = []
+        merged = await self._merge(transport, report, dirty, movements, refused)
+        if not refused:
+            return
+        reasons = {(r.error.code, str(r.error)) for r in refused}
+        if merged == 0 and len(refused) > 1 and len(reasons) == 1:
+            error = refused[0].error
+            raise CloudUnavailable(
+                f"every row of a batch of {len(refused)} was refused with the same error, so "
+                f"the request is at fault, not a row: {error}",
+                code=error.code,
+            )
+        for refusal in refused:
+            await self._park(report, refusal)
+
+    async def _merge(
+        self,
+        transport: CloudTransport,
+        report: RunReport,
+        dirty: Sequence[DirtyItem],
+        movements: Sequence[Movement],
+        refused: list[_Refusal],
+    ) -> int:
+        """Merge rows, bisecting on a data error down to the rows that fail alone (added
+        to ``refused``); returns how many rows were confirmed."""
         batch = {
             "fleet": self.fleet,
             "origin": self.origin,
@@ -449,17 +553,14 @@ class CloudBridge:
         except CloudDataError as exc:
             rows = len(dirty) + len(movements)
             if rows == 1:
-                await self._park(report, dirty, movements, exc)
-                return
+                refused.append(_Refusal(dirty, movements, exc))
+                return 0
             # Halve the rows (items first, then movements) and try each half.
             half = rows // 2
-            await self._merge(
-                transport, report, dirty[:half], movements[: max(0, half - len(dirty))]
-            )
-            await self._merge(
-                transport, report, dirty[half:], movements[max(0, half - len(dirty)) :]
-            )
-            return
+            split = max(0, half - len(dirty))
+            first = await self._merge(transport, report, dirty[:half], movements[:split], refused)
+            second = await self._merge(transport, report, dirty[half:], movements[split:], refused)
+            return first + second
         await self.store.cloud_confirm(
             [(d.view.id, d.mark) for d in dirty], [m.id for m in movements]
         )
@@ -468,17 +569,12 @@ class CloudBridge:
         with contextlib.suppress(TypeError, ValueError):
             report.rows_changed += int(answer.get("items_changed", 0))
             report.rows_changed += int(answer.get("movements_inserted", 0))
+        return len(dirty) + len(movements)
 
-    async def _park(
-        self,
-        report: RunReport,
-        dirty: Sequence[DirtyItem],
-        movements: Sequence[Movement],
-        exc: CloudDataError,
-    ) -> None:
-        reason = str(exc) or type(exc).__name__
-        if dirty:
-            (item,) = dirty
+    async def _park(self, report: RunReport, refusal: _Refusal) -> None:
+        reason = str(refusal.error) or type(refusal.error).__name__
+        if refusal.dirty:
+            (item,) = refusal.dirty
             await self.store.cloud_park(
                 "item", item.view.id, barcode=item.view.barcode, mark=item.mark, error=reason
             )
@@ -486,7 +582,7 @@ class CloudBridge:
                 "cloud refused item %s (%s): %s", item.view.barcode, item.view.id, reason
             )
         else:
-            (movement,) = movements
+            (movement,) = refusal.movements
             await self.store.cloud_park(
                 "movement", movement.id, barcode=movement.barcode, mark=0, error=reason
             )
@@ -503,19 +599,35 @@ class CloudBridge:
         try:
             transport = self._connect()
             cursor = await self.store.cloud_cursor()
+            started_over = False
             while True:
                 answer = await transport.pull(self.fleet, cursor, self.pull_rows)
-                edits = decode_changes(answer.get("changes"))
+                if not started_over and await self._another_database(answer, cursor):
+                    # Everything is to push again; pull from the first change on.
+                    started_over = True
+                    cursor = None
+                    continue
+                changes = answer.get("changes")
+                database = answer.get("database")
+                edits = decode_changes(
+                    changes, database=str(database) if isinstance(database, str) else None
+                )
                 new_cursor = answer.get("cursor")
                 if not isinstance(new_cursor, str):
                     raise CloudDataError(f"pull_changes returned cursor {new_cursor!r}")
-                if not edits:
+                if not changes:
                     # Nothing new: keep the stored cursor rather than spend a commit (an
                     # fsync per round) on a horizon that moved; reading from it is cheap.
                     break
-                views = await self.store.apply_cloud_edits(edits, cursor=new_cursor)
+                # Stored even when no change decoded (all malformed): the pull must get
+                # past them, or it would read the same ones forever.
+                applied = await self.store.apply_cloud_pull(edits, cursor=new_cursor)
                 report.changes += len(edits)
-                report.items += len(views)
+                report.items += len(applied.views)
+                report.refused += len(applied.refused)
+                now = self._clock()
+                self._health.refused.extend((value, now) for value in applied.refused)
+                del self._health.refused[:-_KEPT_REFUSED]
                 if progress is not None:
                     progress(report)
                 cursor = new_cursor
@@ -535,6 +647,30 @@ class CloudBridge:
         self._succeeded(report)
         self._health.last_pull = report
         return report
+
+    async def _another_database(self, answer: dict[str, Any], cursor: str | None) -> bool:
+        """Whether the answer shows a database other than the one the outbox was pushed
+        to (another id than recorded, or a cursor it says it cannot have given); if so
+        the outbox has started over."""
+        database = answer.get("database")
+        if isinstance(database, str) and database and await self.store.cloud_use_database(database):
+            _LOGGER.warning(
+                "cloud database %s is another one than before (id %s): everything will be "
+                "pushed again and web edits pulled from the start",
+                self.url,
+                database,
+            )
+            return True
+        if answer.get("reset") is True and cursor is not None:
+            _LOGGER.warning(
+                "cloud database %s does not know the pull cursor (restored or made "
+                "again?): everything will be pushed again and web edits pulled from the "
+                "start",
+                self.url,
+            )
+            await self.store.cloud_start_over()
+            return True
+        return False
 
     # ------------------------------------------------------------------ manual runs
 
@@ -591,7 +727,8 @@ class CloudBridge:
         return report
 
     def _unexpected(self, report: RunReport, exc: Exception) -> None:
-        """A bug or a stopped store, not the cloud: logged with its traceback, reported."""
+        """A bug or a store error, not the cloud: logged (a bug with its traceback),
+        reported and counted."""
         if isinstance(exc, StoreError):
             _LOGGER.warning("cloud %s stopped: %s", report.kind, exc)
         else:
@@ -600,6 +737,7 @@ class CloudBridge:
         report.finished_at = self._clock()
         self._health.last_error = f"{report.kind}: {report.error}"
         self._health.last_error_at = report.finished_at
+        self._health.failures += 1
 
     # ------------------------------------------------------------------ status
 
@@ -633,6 +771,10 @@ class CloudBridge:
             ),
             "failures": health.failures,
             "next_retry": _iso(health.next_retry),
+            "refused": [
+                value.to_json() | {"at": _iso(at)} for value, at in reversed(health.refused)
+            ],
+            "batch_size": self._batch_limit,
             "activity": self._activity.to_json() if self._activity else None,
             "runs": {str(run): report.to_json() for run, report in health.reports.items()},
             "push_interval_s": self.config.push_interval,

@@ -28,9 +28,21 @@ create table if not exists public.invsync_migrations (
   sha256 text not null,
   applied_at timestamptz not null default now()
 );
--- Supabase exposes `public` through its REST API: only the owner may see this table.
+-- Supabase exposes `public` through its REST API and grants its roles everything in it by
+-- default privileges: only the owner may see this table.
 alter table public.invsync_migrations enable row level security;
 revoke all on table public.invsync_migrations from public;
+do $$
+declare
+  api_role text;
+begin
+  foreach api_role in array array['anon', 'authenticated', 'service_role'] loop
+    if exists (select from pg_catalog.pg_roles where rolname = api_role) then
+      execute format('revoke all on table public.invsync_migrations from %I', api_role);
+    end if;
+  end loop;
+end
+$$;
 """
 
 

@@ -13,11 +13,12 @@ import asyncio
 import json
 import logging
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 
-from .transport import CloudDataError, CloudUnavailable
+from daemon.config import redact_url
+
+from .transport import STATEMENT_TIMEOUT, CloudDataError, CloudUnavailable
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -34,12 +35,7 @@ def is_data_error(sqlstate: str | None) -> bool:
 
 def redact(dsn: str) -> str:
     """The DSN without its password, for messages and logs."""
-    parts = urlsplit(dsn)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    user = f"{parts.username}@" if parts.username else ""
-    return f"{parts.scheme}://{user}{host}{parts.path}"
+    return redact_url(dsn)
 
 
 class PostgresTransport:
@@ -89,8 +85,16 @@ class PostgresTransport:
                     raise CloudDataError(_describe(err), code=err.sqlstate) from err
                 if isinstance(err, asyncpg.PostgresConnectionError | asyncpg.FatalPostgresError):
                     await self._drop()
-                raise CloudUnavailable(_describe(err)) from err
-            except (OSError, TimeoutError, asyncpg.InterfaceError) as err:
+                raise CloudUnavailable(_describe(err), code=err.sqlstate) from err
+            except TimeoutError as err:
+                # asyncpg cancelled the query after command_timeout: as for the server's
+                # statement_timeout, a smaller batch may fit.
+                await self._drop()
+                raise CloudUnavailable(
+                    f"{redact(self._dsn)}: no answer within {self._command_timeout:g}s",
+                    code=STATEMENT_TIMEOUT,
+                ) from err
+            except (OSError, asyncpg.InterfaceError) as err:
                 # The connection's state is unknown after a timeout or a broken socket.
                 await self._drop()
                 raise CloudUnavailable(f"{redact(self._dsn)}: {err or type(err).__name__}") from err

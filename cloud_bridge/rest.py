@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from daemon.config import CloudConfig
+from daemon.config import CloudConfig, redact_url
 
 from .postgres import is_data_error
 from .transport import CloudConfigError, CloudDataError, CloudUnavailable
@@ -45,7 +45,7 @@ def check_url(url: str) -> str:
         return url.rstrip("/")
     if parts.scheme == "http" and parts.hostname and _is_loopback(parts.hostname):
         return url.rstrip("/")
-    raise CloudConfigError("url", f"{url!r}: use https://<project>.supabase.co")
+    raise CloudConfigError("url", f"{redact_url(url)!r}: use https://<project>.supabase.co")
 
 
 def _is_loopback(host: str) -> bool:
@@ -87,6 +87,9 @@ class RestTransport:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._url = check_url(url)
+        #: The URL for messages: a project URL has no password, but one pasted with
+        #: credentials must not end up in logs.
+        self._shown = redact_url(self._url)
         self._anon_key = anon_key
         self._email = email
         self._password_file = password_file
@@ -118,7 +121,7 @@ class RestTransport:
         )
 
     def __repr__(self) -> str:
-        return f"RestTransport({self._url!r}, email={self._email!r})"
+        return f"RestTransport({self._shown!r}, email={self._email!r})"
 
     async def merge(self, batch: dict[str, Any]) -> dict[str, Any]:
         return await self._rpc("merge_inventory", {"batch": batch})
@@ -171,7 +174,7 @@ class RestTransport:
                 text = await response.text()
                 status = response.status
         except (aiohttp.ClientError, OSError, TimeoutError) as err:
-            raise CloudUnavailable(f"{self._url}: {err or type(err).__name__}") from err
+            raise CloudUnavailable(f"{self._shown}: {err or type(err).__name__}") from err
         try:
             payload: object = json.loads(text) if text else None
         except ValueError:
@@ -259,4 +262,6 @@ def _classify(function: str, status: int, payload: object) -> Exception:
         or (400 <= status < 500 and code is not None and code.startswith("PGRST1"))
     ):
         return CloudDataError(message, code=code)
-    return CloudUnavailable(message)
+    # A statement timeout (57014, answered as 500) keeps its code: the bridge then pushes
+    # smaller batches.
+    return CloudUnavailable(message, code=code)

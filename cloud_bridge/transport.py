@@ -3,7 +3,9 @@
 The push and pull loops talk to a :class:`CloudTransport` and only ever see two kinds of
 failure: :class:`CloudDataError` (the server refused this batch for what is in it; bisect
 it and park the bad row) and :class:`CloudUnavailable` (anything else: network, timeouts,
-5xx, refused sign-in, missing permissions; back off and retry the same batch later).
+5xx, refused sign-in, missing permissions; back off and retry the same batch later). A
+statement timeout is a :class:`CloudUnavailable` with ``code`` 57014: the bridge then
+pushes smaller batches.
 :func:`open_transport` picks the transport from the URL scheme of ``[cloud] url``.
 """
 
@@ -12,6 +14,10 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from daemon.config import CloudConfig
+
+#: SQLSTATE ``query_canceled``: the server's ``statement_timeout`` (Supabase gives the
+#: ``authenticated`` role 8 s) or our own command timeout ended the call.
+STATEMENT_TIMEOUT = "57014"
 
 
 class CloudError(Exception):
@@ -30,7 +36,19 @@ class CloudDataError(CloudError):
 
 
 class CloudUnavailable(CloudError):
-    """The cloud could not be reached or would not serve us now; try again later."""
+    """The cloud could not be reached or would not serve us now; try again later.
+
+    ``code`` is the SQLSTATE when the database answered with one.
+    """
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        self.code = code
+        super().__init__(message)
+
+    @property
+    def timed_out(self) -> bool:
+        """Whether the call was cancelled for taking too long (a smaller batch may fit)."""
+        return self.code == STATEMENT_TIMEOUT
 
 
 class CloudConfigError(CloudError):

@@ -10,7 +10,11 @@ changes again or a manual push retries them. ``cloud_state`` keeps which databas
 marks refer to and the cursor of web edits already applied.
 
 Web edits come back as :class:`CloudEdit` values and are written by the store as writer
-:data:`CLOUD_WRITER` (``name@cloud = [value, server HLC]``).
+:data:`CLOUD_WRITER` (``name@cloud = [value, server HLC]``); a web count of a bulk item
+adds a counter slot of its own, ``stock@cloud:<change> = [difference, server HLC]``
+(:func:`web_count_writer`). A value the station refuses is reported as a
+:class:`RefusedValue`. ``cloud_state`` also keeps the id of the database the outbox was
+pushed to, when the database says it.
 
 Everything here is SQL text and values; the store runs the statements in its group commit.
 """
@@ -90,6 +94,52 @@ class CloudEdit:
     fields: Mapping[str, tuple[object, int]]
     change_id: str = ""
     stock_before: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RefusedValue:
+    """A field of a web edit the station refused (its validation said no).
+
+    The station writes its own value of the field again with a fresh HLC, so the next
+    push puts it back in the cloud row and the table agrees with the stations again.
+    """
+
+    item: str
+    barcode: str
+    field: str
+    value: str
+    reason: str
+    change_id: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "item": self.item,
+            "barcode": self.barcode,
+            "field": self.field,
+            "value": self.value,
+            "reason": self.reason,
+            "change_id": self.change_id,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedEdits:
+    """What one batch of web edits did: items changed, values refused."""
+
+    views: list[ItemView]
+    refused: list[RefusedValue]
+
+
+def web_count_writer(change_id: str) -> str:
+    """The counter "station" of one web count: ``cloud:<change>``.
+
+    One slot per change, written once with the same value by every station that applies
+    it: a per-change key is what keeps a count from being lost or doubled when several
+    bridges pull it at once (one shared ``stock@cloud`` slot, rewritten per count, could
+    lose a concurrent rewrite, since Yjs settles a contested key by client id, not HLC).
+    ``@`` would end the slot's field name, so it cannot appear in the change id.
+    """
+    return f"{CLOUD_WRITER}:{change_id.replace('@', '_')}"
 
 
 # ---------------------------------------------------------------------- reads
@@ -196,12 +246,15 @@ def retry_parked_statements() -> list[Statement]:
 
 
 def new_target_statements(target: str) -> list[Statement]:
-    """Another database (or fleet) than before: everything is to push, nothing pulled."""
+    """Another database (or fleet) than before: everything is to push, nothing pulled.
+
+    The database id is forgotten too: the first pull from the new target records it.
+    """
     return [
         (_mark_items("true"), [()]),
         (f"UPDATE movements SET cloud_pushed = {PENDING}", [()]),
         ("DELETE FROM cloud_parked", [()]),
-        ("DELETE FROM cloud_state WHERE key = 'cursor'", [()]),
+        ("DELETE FROM cloud_state WHERE key IN ('cursor', 'database')", [()]),
         *state_statements({"target": target}),
     ]
 

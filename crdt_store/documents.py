@@ -86,19 +86,32 @@ def write_register(item: Map[Any], station: str, field: str, value: object, hlc:
 def write_register_if_newer(
     item: Map[Any], station: str, field: str, value: object, hlc: int
 ) -> bool:
-    """``write_register`` unless a slot of the field we hold is as new as ``hlc``.
+    """``write_register`` unless a slot of the field we hold is at least as new.
 
     For writes stamped elsewhere (web edits carry the cloud's HLC): a slot written after
-    them, or the same edit applied before, wins by HLC, so nothing is overwritten back.
+    them, or the same edit applied before, wins, so nothing is overwritten back. "New" is
+    ``(hlc, station)``, the order the item view and the cloud table both resolve a field
+    by, so an edit and a station write with equal HLCs end the same way on both sides.
     """
+    if has_slot_at_least(item, field, hlc, station):
+        return False
+    write_register(item, station, field, value, hlc)
+    return True
+
+
+def has_slot_at_least(item: Map[Any], field: str, hlc: int, station: str) -> bool:
+    """Whether a slot of ``field`` is at least as new as ``(hlc, station)``."""
     prefix = field + "@"
     for key in list(item.keys()):
         if key.startswith(prefix):
             slot = item[key]
-            if type(slot) is list and len(slot) == 2 and _newer_or_equal(slot[1], hlc):
-                return False
-    write_register(item, station, field, value, hlc)
-    return True
+            if (
+                type(slot) is list
+                and len(slot) == 2
+                and _at_least(slot[1], key[len(prefix) :], hlc, station)
+            ):
+                return True
+    return False
 
 
 def slot_hlc(item: Map[Any], key: str) -> int | None:
@@ -109,13 +122,27 @@ def slot_hlc(item: Map[Any], key: str) -> int | None:
     return None
 
 
-def _newer_or_equal(stored: object, hlc: int) -> bool:
-    return isinstance(stored, int | float) and not isinstance(stored, bool) and stored >= hlc
+def _at_least(stored: object, stored_station: str, hlc: int, station: str) -> bool:
+    """Whether a slot's ``(hlc, station)`` is at least ``(hlc, station)``."""
+    if isinstance(stored, bool) or not isinstance(stored, int | float):
+        return False
+    return (stored, stored_station) >= (hlc, station)
 
 
 def add_stock(item: Map[Any], station: str, delta: int, current_own: int, hlc: int) -> None:
     """Each station only ever writes its own counter slot: stock = sum of all slots."""
     item[slot_key(STOCK_FIELD, station)] = [current_own + delta, hlc]
+
+
+def add_stock_once(item: Map[Any], writer: str, delta: int, hlc: int) -> bool:
+    """A counter slot written once, for one change (``stock@cloud:<change>``): every
+    station that applies the change writes the same key and value, so several doing it
+    at once neither lose nor double it. Returns whether the slot was new here."""
+    key = slot_key(STOCK_FIELD, writer)
+    if key in item:
+        return False
+    item[key] = [delta, hlc]
+    return True
 
 
 def mark_changed(doc: Doc[Any], item_id: str, station: str, hlc: int) -> None:

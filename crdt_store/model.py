@@ -2,7 +2,8 @@
 
 An item is stored as a flat map of *slots*. A descriptive field is a register kept as one
 slot per writing station, ``"<field>@<station>" = [value, hlc]``; stock is a counter kept
-as ``"stock@<station>" = [net delta, hlc]`` (stock is the sum of the deltas). This module
+as ``"stock@<station>" = [net delta, hlc]`` (stock is the sum of the deltas; a web count
+adds a slot of its own, ``"stock@cloud:<change>"``, read like any station's). This module
 turns such a map (as plain Python values) into an :class:`ItemView`: the value of each
 field is its slot with the highest ``(hlc, station)``, and several live slots with
 different values are a visible conflict.

@@ -35,7 +35,15 @@ import pycrdt
 from pycrdt import Doc, MapEvent, TransactionEvent
 
 from . import cloud, documents, index
-from .cloud import CloudBacklog, CloudEdit, DirtyItem, ParkedKind, ParkedRow
+from .cloud import (
+    AppliedEdits,
+    CloudBacklog,
+    CloudEdit,
+    DirtyItem,
+    ParkedKind,
+    ParkedRow,
+    RefusedValue,
+)
 from .errors import (
     AmbiguousBarcode,
     CorruptUpdate,
@@ -1139,59 +1147,108 @@ class Store:
         await self._commit()
         return True
 
+    async def cloud_use_database(self, database: str) -> bool:
+        """Record the id the cloud database gave itself; for another id than the one
+        recorded (the database was restored or replaced behind the same URL), start over
+        as for a new target. The first id seen is only recorded. Returns whether the
+        outbox started over."""
+        self._check_open()
+        known = await cloud.state(self._reader, "database")
+        if known == database:
+            return False
+        if known is not None:
+            target = await cloud.state(self._reader, "target") or ""
+            self._batch.cloud.extend(cloud.new_target_statements(target))
+        self._batch.cloud.extend(cloud.state_statements({"database": database}))
+        await self._commit()
+        return known is not None
+
+    async def cloud_start_over(self) -> None:
+        """Everything to push again and the pull from the start (the cloud said the
+        cursor no longer fits it); the target and database id stay."""
+        self._check_open()
+        target = await cloud.state(self._reader, "target") or ""
+        database = await cloud.state(self._reader, "database")
+        self._batch.cloud.extend(cloud.new_target_statements(target))
+        if database is not None:
+            self._batch.cloud.extend(cloud.state_statements({"database": database}))
+        await self._commit()
+
     async def apply_cloud_edits(
         self, edits: Sequence[CloudEdit], *, cursor: str | None = None
     ) -> list[ItemView]:
-        """Write web edits as writer ``cloud`` with the cloud's HLCs; returns the views of
-        items that changed. ``cursor`` is stored in the same commit, so a crash never
-        skips an edit (one may be seen twice, and applying it again changes nothing).
+        """``apply_cloud_pull``, returning only the views of items that changed."""
+        return (await self.apply_cloud_pull(edits, cursor=cursor)).views
 
-        Each field is written only if no slot of it is as new as the edit: a later
-        station edit wins by HLC, as it does in the cloud. A web ``stock`` is a count.
-        Peers receive the writes by sync like any local operation.
+    async def apply_cloud_pull(
+        self, edits: Sequence[CloudEdit], *, cursor: str | None = None
+    ) -> AppliedEdits:
+        """Write web edits as writer ``cloud`` with the cloud's HLCs; returns the views of
+        items that changed and the values refused. ``cursor`` is stored in the same
+        commit, so a crash never skips an edit (one may be seen twice, and applying it
+        again changes nothing).
+
+        Each field is written only if no slot of it is as new as the edit by ``(hlc,
+        writer)``: a later station edit wins, as it does in the cloud. A web ``stock`` is
+        a count, added once per change (see ``cloud.web_count_writer``). A value the
+        station's validation refuses is not written; the station's own value is written
+        again with a fresh HLC instead, so the next push corrects the cloud row. Peers
+        receive the writes by sync like any local operation.
         """
         self._check_open()
-        views = [view for edit in edits if (view := self._apply_cloud_edit(edit)) is not None]
+        views: list[ItemView] = []
+        refused: list[RefusedValue] = []
+        for edit in edits:
+            view = self._apply_cloud_edit(edit, refused)
+            if view is not None:
+                views.append(view)
         if cursor is not None:
             self._batch.cloud.extend(cloud.state_statements({"cursor": cursor}))
         await self._commit()
-        return views
+        return AppliedEdits(views, refused)
 
-    def _apply_cloud_edit(self, edit: CloudEdit) -> ItemView | None:
+    def _apply_cloud_edit(self, edit: CloudEdit, refused: list[RefusedValue]) -> ItemView | None:
         item_id = edit.item
         if not is_item_id(item_id):
             _LOGGER.warning("web edit of %r ignored: not an item id", item_id)
             return None
         registers: dict[str, tuple[object, int]] = {}
         counted: tuple[int, int] | None = None
+        bad: dict[str, tuple[object, int, str]] = {}
+        edit_hlc = 0
         for name, (value, hlc) in edit.fields.items():
             if isinstance(hlc, bool) or not isinstance(hlc, int) or not 0 < hlc < 2**53:
                 _LOGGER.warning("web edit of %s.%s ignored: bad HLC %r", item_id, name, hlc)
                 continue
+            edit_hlc = max(edit_hlc, hlc)
+            # Before the fresh HLC of a refused value is drawn: it must follow the edit.
+            self._observe_remote_clock(cloud.CLOUD_WRITER, hlc)
             try:
                 if name == STOCK_FIELD:
                     counted = (check_qty(value, name="stock", minimum=0, maximum=MAX_STOCK), hlc)
                 else:
                     registers[name] = (check_field(name, value), hlc)
             except InvalidInput as exc:
-                _LOGGER.warning("web edit of %s ignored: %s", item_id, exc)
-                continue
-            self._observe_remote_clock(cloud.CLOUD_WRITER, hlc)
-        if not registers and counted is None:
+                bad[name] = (value, hlc, exc.reason)
+        known = item_id in self._known_items
+        before = self._compute_view(item_id) if known else None
+        if not registers and counted is None and (not bad or before is None):
+            # Nothing to write on an item this station does not have: report it only.
+            self._refused(refused, edit, before, bad)
             return None
-        before = self._compute_view(item_id) if item_id in self._known_items else None
         shard = shard_of(item_id, self.shard_count)
         doc = self._docs[item_doc(shard)]
         changed: list[int] = []
         delta = 0
+        refreshed = 0
         with doc.transaction(origin=LOCAL):
             item = documents.item_map(doc, item_id)
             for name, (value, hlc) in registers.items():
                 if documents.write_register_if_newer(item, cloud.CLOUD_WRITER, name, value, hlc):
                     changed.append(hlc)
+            kind = registers.get("kind", (before.kind if before else "bulk", 0))[0]
             if counted is not None:
                 qty, hlc = counted
-                kind = registers.get("kind", (before.kind if before else "bulk", 0))[0]
                 if kind == "serial":
                     status = "in" if qty else "lost"
                     if documents.write_register_if_newer(
@@ -1199,40 +1256,105 @@ class Store:
                     ):
                         changed.append(hlc)
                 else:
-                    key = slot_key(STOCK_FIELD, cloud.CLOUD_WRITER)
-                    seen = documents.slot_hlc(item, key)
-                    if seen is None or seen < hlc:
-                        own = before.stock_by_station.get(cloud.CLOUD_WRITER, 0) if before else 0
-                        base = edit.stock_before
-                        if base is None:
-                            # An older change log without the cloud's stock before the
-                            # edit: counted against this station's view instead.
-                            base = before.stock if before else 0
-                        delta = qty - base
-                        documents.add_stock(item, cloud.CLOUD_WRITER, delta, own, hlc)
+                    base = edit.stock_before
+                    if base is None:
+                        # An older change log without the cloud's stock before the
+                        # edit: counted against this station's view instead.
+                        base = before.stock if before else 0
+                    # The same on every station (the movement says it too), unless the
+                    # change log is an old one without the stock before.
+                    delta = qty - base
+                    # The change's own HLC is part of the key: a database restored from
+                    # a backup numbers new changes again from where the backup was.
+                    writer = cloud.web_count_writer(f"{edit.change_id}/{hlc}")
+                    if documents.add_stock_once(item, writer, delta, hlc):
                         changed.append(hlc)
-            if changed:
-                documents.mark_changed(doc, item_id, self.station_id, max(changed))
-        if not changed:
+            if bad:
+                refreshed = self._refresh_refused(item, item_id, before, kind, bad)
+            if changed or refreshed:
+                documents.mark_changed(doc, item_id, self.station_id, max([*changed, refreshed]))
+        self._refused(refused, edit, before, bad)
+        if not changed and not refreshed:
             return None
         self._known_items[item_id] = shard
         view = self._settled_view(item_id)
-        # Every station that pulls this edit records the same movement (one id), so the
-        # history shows it once.
-        movement_id = str(uuid.uuid5(_WEB_EDITS, f"{item_id}/{edit.change_id}/{max(changed)}"))
+        if not changed:
+            return view
+        # Every station that pulls this edit records the same movement (id, clock and
+        # quantity from the change alone, whichever of its fields each station took), so
+        # the history shows it once.
+        name = f"{item_id}/{edit.change_id}/{edit_hlc}"
         self._append_movements(
             [
                 self._movement(
                     view,
                     op="count" if counted is not None else "edit",
-                    hlc=max(changed),
+                    hlc=edit_hlc,
                     operator="web",
                     qty=delta,
-                    op_id=movement_id,
+                    op_id=str(uuid.uuid5(_WEB_EDITS, name)),
                 )
             ]
         )
         return view
+
+    def _refresh_refused(
+        self,
+        item: Any,
+        item_id: str,
+        before: ItemView | None,
+        kind: object,
+        bad: Mapping[str, tuple[object, int, str]],
+    ) -> int:
+        """Write this station's value of each refused field again with a fresh HLC, where
+        the refused edit would otherwise have been the newest write of the field (the
+        cloud row shows it): the next push replaces it. Only this station's own slot is
+        written, so a conflict stays as it was. Returns the HLC used, 0 if none."""
+        view = before or item_view(item_id, {})
+        fresh = 0
+        for name, (value, hlc, _) in bad.items():
+            if name == STOCK_FIELD:
+                # The cloud takes a stock from a push whose version is greater: moving
+                # this station's counter (or a unit's status) to a fresh HLC makes it so.
+                field_name = "status" if kind == "serial" else STOCK_FIELD
+            elif name in REGISTER_FIELDS:
+                field_name = name
+                if documents.has_slot_at_least(item, name, hlc, cloud.CLOUD_WRITER):
+                    continue  # a newer write is in the row already, or will be
+                if getattr(view, name) == value:
+                    continue  # the cloud shows what the stations show
+            else:
+                continue  # not a field of the item: nothing in the row to correct
+            fresh = fresh or self._tick()
+            station = self.station_id
+            if field_name == STOCK_FIELD:
+                own = view.stock_by_station.get(station, 0)
+                documents.add_stock(item, station, 0, own, fresh)
+            else:
+                item[slot_key(field_name, station)] = [getattr(view, field_name), fresh]
+        return fresh
+
+    def _refused(
+        self,
+        refused: list[RefusedValue],
+        edit: CloudEdit,
+        before: ItemView | None,
+        bad: Mapping[str, tuple[object, int, str]],
+    ) -> None:
+        barcode = before.barcode if before else ""
+        for name, (value, _, reason) in bad.items():
+            shown = repr(value)
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            _LOGGER.warning(
+                "web edit of %s (%s) refused: %s = %s: %s; the stations' value stays and "
+                "is pushed back",
+                barcode or "new item",
+                edit.item,
+                name,
+                shown,
+                reason,
+            )
+            refused.append(RefusedValue(edit.item, barcode, name, shown, reason, edit.change_id))
 
     # ------------------------------------------------------------------ writer
 

@@ -11,6 +11,7 @@ import base64
 import json
 import math
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -28,14 +29,50 @@ MAX_SOCKET_PATH = 107
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
+#: ``password=...`` (and ``sslpassword=``) in a libpq URL's query string.
+_QUERY_PASSWORD = re.compile(r"([?&][a-z_]*password=)[^&#]*", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """``url`` without the password of its user (or of its query), for messages, logs and
+    reprs: ``postgresql://dock_a:secret@db/inv`` → ``postgresql://dock_a@db/inv``.
+
+    Plain string work rather than ``urlsplit``, which raises on a malformed port, so even
+    a URL the config refuses can be shown.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    ends = [index for index in (rest.find(char) for char in "/?#") if index >= 0]
+    end = min(ends, default=len(rest))
+    authority, tail = rest[:end], rest[end:]
+    userinfo, at, host = authority.rpartition("@")
+    if at:
+        user = userinfo.partition(":")[0]
+        authority = f"{user}@{host}" if user else host
+    return scheme + sep + authority + _QUERY_PASSWORD.sub(r"\1***", tail)
+
+
+def _shown(setting: str, value: object) -> object:
+    """A setting's value as an error may show it: keys and passwords in URLs hidden."""
+    if not isinstance(value, str):
+        return value
+    if setting.endswith("anon_key"):
+        # Enough to tell an anon JWT ("eyJhbGciOi") from a secret key ("sb_secret_").
+        return value[:10] + "..." if len(value) > 10 else "..."
+    if "@" in value or "password=" in value.lower():
+        return redact_url(value)
+    return value
+
+
 class ConfigError(Exception):
-    """A setting has a bad value; the message names it."""
+    """A setting has a bad value; the message names it (secrets in it redacted)."""
 
     def __init__(self, setting: str, value: object, reason: str) -> None:
         self.setting = setting
-        self.value = value
+        self.value = _shown(setting, value)
         self.reason = reason
-        super().__init__(f"setting {setting} = {value!r}: {reason}")
+        super().__init__(f"setting {setting} = {self.value!r}: {reason}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +95,17 @@ class CloudConfig:
     station_password_file: Path | None = None
     push_interval: float = 30.0
 
+    def __repr__(self) -> str:
+        # The DSN may hold a password and the key is the project's: neither belongs in a
+        # log line or a traceback.
+        url = redact_url(self.url) if self.url else None
+        key = "..." if self.anon_key else None
+        return (
+            f"CloudConfig(url={url!r}, anon_key={key!r}, station_email={self.station_email!r}, "
+            f"station_password_file={self.station_password_file!r}, "
+            f"push_interval={self.push_interval!r})"
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Config:
@@ -68,7 +116,8 @@ class Config:
     mdns: bool = True
     mdns_interfaces: tuple[str, ...] = ()
     peers: tuple[HostPort, ...] = ()
-    join_token: str | None = None
+    #: A secret: kept out of the repr.
+    join_token: str | None = field(default=None, repr=False)
     log_level: str = "INFO"
     shard_count: int = 64
     max_clock_skew: float = 300.0
@@ -358,7 +407,7 @@ def _validate_cloud(raw: Mapping[str, Any]) -> CloudConfig:
     if anon_key is not None and _bypasses_rls(anon_key):
         raise ConfigError(
             "cloud.anon_key",
-            anon_key[:12] + "...",
+            anon_key,
             "this is a secret (service_role) key, which bypasses row-level security and "
             "must not sit on a station; use the anon (publishable) key and a station user",
         )

@@ -12,11 +12,11 @@ Supabase's default privileges on ``public``, so the SQL contract runs unmodified
 Two template databases are made once per session: ``invsync_base`` (the Supabase shape,
 no invsync tables) and ``invsync_template`` (base plus every migration, applied with
 ``cloud_bridge.migrate``). Tests get a fresh copy of one of them, which takes a few tens
-of milliseconds: ``cloud_db`` (migrated) and ``empty_cloud_db`` (not migrated) yield a
-:class:`CloudDatabase` with DSNs for the admin, the ``invsync_bridge`` role and the
-``authenticator``; ``cloud_dbs`` makes several (``db = await cloud_dbs()``). The cluster
-can be stopped and started again (outage tests); the per-test fixtures start it again if
-a test left it stopped.
+of milliseconds: ``cloud_db`` (migrated, with its own database id) and ``empty_cloud_db``
+(not migrated) yield a :class:`CloudDatabase` with DSNs for the admin, a login role in the
+``invsync_bridge`` group (``BRIDGE_LOGIN``) and the ``authenticator``; ``cloud_dbs``
+makes several (``db = await cloud_dbs()``). The cluster can be stopped and started again
+(outage tests); the per-test fixtures start it again if a test left it stopped.
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ from cloud_bridge.migrate import migrate
 
 BASE_DB = "invsync_base"
 TEMPLATE_DB = "invsync_template"
+#: The station's login for direct connections: a member of the NOLOGIN group role
+#: ``invsync_bridge``, as docs/cloud.md tells an administrator to create one per station.
+BRIDGE_LOGIN = "invsync_dock_a"
 
 _SUPABASE_ROLES = """
 create role anon nologin noinherit;
@@ -214,6 +217,12 @@ async def _prepare_templates(cluster: PgCluster) -> None:
     finally:
         await conn.close()
     await migrate(cluster.dsn(TEMPLATE_DB))
+    conn = await asyncpg.connect(cluster.dsn())
+    try:
+        # Roles belong to the cluster: one member of invsync_bridge serves every database.
+        await conn.execute(f"create role {BRIDGE_LOGIN} login in role invsync_bridge")
+    finally:
+        await conn.close()
 
 
 @pytest.fixture(scope="session")
@@ -252,8 +261,9 @@ class CloudDatabase:
 
     @property
     def bridge_dsn(self) -> str:
-        """The least-privilege ``invsync_bridge`` role (a station's direct connection)."""
-        return self.cluster.dsn(self.name, "invsync_bridge")
+        """A station's direct connection: a login role in the least-privilege group role
+        ``invsync_bridge`` (which cannot log in itself)."""
+        return self.cluster.dsn(self.name, BRIDGE_LOGIN)
 
     @property
     def authenticator_dsn(self) -> str:
@@ -273,6 +283,15 @@ async def _clone(cluster: PgCluster, template: str) -> AsyncIterator[CloudDataba
         await conn.execute(f"create database {name} template {template}")
     finally:
         await conn.close()
+    if template == TEMPLATE_DB:
+        # A copy would share the template's database id; a migrated database has its own.
+        conn = await asyncpg.connect(cluster.dsn(name))
+        try:
+            await conn.execute(
+                "update invsync_private.database_instance set id = gen_random_uuid()"
+            )
+        finally:
+            await conn.close()
     yield CloudDatabase(cluster, name)
     if not cluster.running:
         await asyncio.to_thread(cluster.start)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, TypeAlias
@@ -17,7 +19,8 @@ import asyncpg
 import pytest
 
 from cloud_bridge.migrate import load_migrations, migrate
-from tests.pg_cluster import CloudDatabase
+from cloud_bridge.postgres import is_data_error
+from tests.pg_cluster import CloneDatabase, CloudDatabase
 
 Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record]"
 
@@ -37,7 +40,7 @@ ROW_COLUMNS = (
 
 
 def item(
-    ident: str, stock: tuple[int, int] | None = None, **fields: tuple[object, ...]
+    ident: str, stock: tuple[int, ...] | None = None, **fields: tuple[object, ...]
 ) -> dict[str, Any]:
     entry: dict[str, Any] = {"id": ident, "fields": {k: list(v) for k, v in fields.items()}}
     if stock is not None:
@@ -511,6 +514,8 @@ BAD_ITEMS = (
     (item("not-a-uuid", name=("x", T)), "22P02"),
     (item(ITEM, name=("x", "soon")), "22P02"),
     (item(ITEM, stock=(2**40, T)), "22003"),
+    # A UUIDv4: stations take only UUIDv7 item ids.
+    (item("0190a000-0000-4000-8000-000000000001", name=("x", T)), "23514"),
 )
 
 
@@ -542,3 +547,296 @@ async def test_migrate_applies_each_file_once(empty_cloud_db: CloudDatabase) -> 
         assert [row["name"] for row in recorded] == names
     finally:
         await conn.close()
+
+
+async def web_changes(bridge: Conn, cursor: str | None = None) -> list[dict[str, Any]]:
+    changes: list[dict[str, Any]] = (await pull(bridge, cursor))["changes"]
+    return changes
+
+
+async def test_a_web_upsert_logs_only_what_it_really_changed(
+    bridge: Conn, web: Conn, admin: Conn
+) -> None:
+    await merge(bridge, batch(new_item()))
+    before = (await rows(admin))[0]
+    # What supabase-js's upsert() sends: the whole object, most of it unchanged.
+    async with as_web_user(web):
+        await web.execute(
+            "insert into public.inventory_items as t (id, barcode, name, location, stock)"
+            " values ($1, 'B-1', 'Hammer', 'B7', 5)"
+            " on conflict (id) do update set barcode = excluded.barcode,"
+            " name = excluded.name, location = excluded.location, stock = excluded.stock",
+            ITEM,
+        )
+    (change,) = await web_changes(bridge)
+    row = (await rows(admin))[0]
+    assert change["fields"] == {"location": ["B7", row["location_hlc"]]}
+    assert row["location_hlc"] > T
+    assert {k: v for k, v in row.items() if not k.startswith("location")} == {
+        k: v for k, v in before.items() if not k.startswith("location")
+    }
+    cursor = (await pull(bridge))["cursor"]
+
+    # Only some columns (a partial object): the rest of the proposed row is never written.
+    async with as_web_user(web):
+        await web.execute(
+            "insert into public.inventory_items (id, notes) values ($1, 'fragile')"
+            " on conflict (id) do update set notes = excluded.notes",
+            ITEM,
+        )
+    (change,) = await web_changes(bridge, cursor)
+    assert list(change["fields"]) == ["notes"]
+    cursor = (await pull(bridge, cursor))["cursor"]
+
+    # ON CONFLICT DO NOTHING on an existing row: nothing happened, nothing is logged.
+    async with as_web_user(web):
+        done = await web.execute(
+            "insert into public.inventory_items (id, barcode, name, stock)"
+            " values ($1, 'OTHER', 'Other', 99) on conflict (id) do nothing",
+            ITEM,
+        )
+    assert done == "INSERT 0 0"
+    assert await web_changes(bridge, cursor) == []
+    assert (await rows(admin))[0]["stock"] == 5
+
+    # An upsert of a new id is a real insert: every field is logged.
+    async with as_web_user(web):
+        await web.execute(
+            "insert into public.inventory_items (id, barcode, name, stock)"
+            " values ($1, 'NEW-2', 'Saw', 2) on conflict (id) do nothing",
+            ITEM_2,
+        )
+    (change,) = await web_changes(bridge, cursor)
+    assert change["item"] == ITEM_2
+    assert change["fields"]["stock"][::2] == [2, 0]
+    assert len(change["fields"]) == 10
+
+
+async def test_every_web_edit_of_a_row_gets_a_newer_hlc(
+    bridge: Conn, web: Conn, admin: Conn
+) -> None:
+    # The station's clock is an hour ahead: the server clock alone is behind the row.
+    ahead = (int(time.time() * 1000) + 3_600_000) << 11
+    await merge(bridge, batch(new_item(hlc=ahead)))
+    async with as_web_user(web):  # one transaction: the same millisecond, or nearly
+        await web.execute("update public.inventory_items set stock = 7 where id = $1", ITEM)
+        await web.execute("update public.inventory_items set stock = 8 where id = $1", ITEM)
+        await web.execute("update public.inventory_items set notes = 'x' where id = $1", ITEM)
+        await web.execute("update public.inventory_items set stock = 6 where id = $1", ITEM)
+    changes = await web_changes(bridge)
+    clocks = [next(iter(c["fields"].values()))[1] for c in changes]
+    assert [c["fields"].get("stock", [None, 0, None])[::2] for c in changes] == [
+        [7, 5],
+        [8, 7],
+        [None, None],
+        [6, 8],
+    ]
+    assert ahead < clocks[0] < clocks[1] < clocks[2] < clocks[3]
+    row = await admin.fetchrow(
+        "select stock_web_hlc, stock_version from public.inventory_items where id = $1", ITEM
+    )
+    assert row is not None
+    assert (row["stock_web_hlc"], row["stock_version"]) == (clocks[3], ahead)
+
+
+async def test_stock_moves_to_a_newer_kind_whatever_its_version(bridge: Conn, admin: Conn) -> None:
+    async def stock() -> tuple[int, int]:
+        row = (await rows(admin))[0]
+        return row["stock"], row["stock_version"]
+
+    # A bulk item counted at two stations: version = the sum of the two counter HLCs.
+    bulk = (T + 1) + (T + 2)
+    await merge(bridge, batch(item(ITEM, stock=(12, bulk, T), kind=("bulk", T))))
+    # It becomes a serialized unit: its version is now the status HLC, far below the sum.
+    serial = item(ITEM, stock=(1, T + 5, T + 10), kind=("serial", T + 10), status=("in", T + 5))
+    assert (await merge(bridge, batch(serial)))["items_changed"] == 1
+    assert await stock() == (1, T + 5)
+    # A station that has not seen the kind change (or sends no kind HLC) cannot undo it...
+    for stale in (item(ITEM, stock=(20, 3 * T, T)), item(ITEM, stock=(30, 4 * T))):
+        assert (await merge(bridge, batch(stale)))["items_changed"] == 0
+        assert await stock() == (1, T + 5)
+    # ...while versions of the same kind still order as before.
+    assert (await merge(bridge, batch(item(ITEM, stock=(0, T + 4, T + 10)))))["items_changed"] == 0
+    await merge(bridge, batch(item(ITEM, stock=(0, T + 6, T + 10))))
+    assert await stock() == (0, T + 6)
+
+
+# (SET clause of a web edit, what the error says). Each is a value a station refuses
+# (crdt_store.model.check_field; a count's stock bounds).
+REFUSED_WEB_EDITS = (
+    ("name = ''", "name must not be empty"),
+    ("name = '   '", "name must not be empty"),
+    ("name = ' Hammer'", "name must not start or end with spaces"),
+    ("name = 'Hammer' || chr(160)", "name must not start or end with spaces"),
+    ("name = 'Ham' || chr(7) || 'mer'", "name must not contain control characters"),
+    ("name = 'Ham' || chr(10) || 'mer'", "name must not contain control characters"),
+    ("name = repeat('x', 201)", "name must be at most 200 characters"),
+    ("location = 'A1 '", "location must not start or end with spaces"),
+    ("location = repeat('x', 101)", "location must be at most 100 characters"),
+    ("category = 'a' || chr(9) || 'b'", "category must not contain control characters"),
+    ("category = repeat('x', 101)", "category must be at most 100 characters"),
+    ("notes = chr(10) || 'x'", "notes must not start or end with spaces"),
+    ("notes = 'a' || chr(13) || 'b'", "notes must not contain control characters"),
+    ("notes = 'a' || chr(155) || 'b'", "notes must not contain control characters"),
+    ("notes = repeat('x', 2001)", "notes must be at most 2000 characters"),
+    ("barcode = ''", "barcode must be 1-64 printable ASCII characters, no spaces"),
+    ("barcode = 'has space'", "barcode: 1-64 printable ASCII characters, no spaces"),
+    ("barcode = repeat('b', 65)", "barcode: 1-64 printable ASCII characters, no spaces"),
+    ("kind = 'weird'", "kind must be bulk or serial"),
+    ("status = 'gone'", "status must be in, out, repair or lost"),
+    ("stock = -1", "stock must be a count between 0 and 1000000000"),
+    ("stock = 1000000001", "stock must be within +-1000000000"),
+    ("sheet = ''", "sheet must be null or 1-64 characters"),
+    ("sheet = ' S-1'", "sheet must not start or end with spaces"),
+    ("sheet = repeat('s', 65)", "sheet must be null or 1-64 characters"),
+)
+
+ACCEPTED_WEB_EDITS = (
+    "name = 'Claw hammer, 16 oz'",
+    "name = 'Hämmerchen'",
+    "notes = 'line 1' || chr(10) || chr(9) || 'line 2'",
+    "sheet = 'S-1'",
+    "sheet = null",
+    "stock = 0",
+    "stock = 1000000000",
+    "barcode = 'B-9'",
+    "kind = 'serial'",
+    "status = 'repair'",
+    "location = ''",
+)
+
+
+async def test_web_values_the_stations_would_refuse_are_refused(
+    bridge: Conn, web: Conn, admin: Conn
+) -> None:
+    await merge(bridge, batch(new_item()))
+    before = await rows(admin)
+    for assignment, message in REFUSED_WEB_EDITS:
+        with pytest.raises(asyncpg.CheckViolationError) as refused:
+            async with as_web_user(web):
+                await web.execute(f"update public.inventory_items set {assignment}")
+        assert message in str(refused.value), assignment
+    assert await rows(admin) == before
+    assert await web_changes(bridge) == []
+
+    for assignment in ACCEPTED_WEB_EDITS:
+        async with as_web_user(web):
+            assert await web.execute(f"update public.inventory_items set {assignment}") == (
+                "UPDATE 1"
+            )
+    assert len(await web_changes(bridge)) == len(ACCEPTED_WEB_EDITS)
+
+    # A new row is checked whole: no name, no barcode, a UUIDv4.
+    for columns, values, message in (
+        ("barcode", "'NEW-1'", "name must not be empty"),
+        ("name", "'Drill'", "barcode must be 1-64 printable ASCII characters"),
+        (
+            "id, barcode, name",
+            "'0190a000-0000-4000-8000-000000000009', 'NEW-1', 'Drill'",
+            "id must be a UUIDv7",
+        ),
+    ):
+        with pytest.raises(asyncpg.CheckViolationError) as refused:
+            async with as_web_user(web):
+                await web.execute(
+                    f"insert into public.inventory_items ({columns}) values ({values})"
+                )
+        assert message in str(refused.value), columns
+    assert await admin.fetchval("select count(*) from public.inventory_items") == 1
+
+
+async def test_a_web_user_cannot_pass_for_the_bridge(bridge: Conn, web: Conn, admin: Conn) -> None:
+    await merge(bridge, batch(new_item()))
+    async with as_web_user(web):
+        await web.execute("select set_config('invsync.bridge', 'on', true)")
+        await web.execute(
+            "update public.inventory_items set name = 'Mine', name_hlc = 9e15 where id = $1",
+            ITEM,
+        )
+        await web.execute(
+            "insert into public.inventory_items (id, barcode, name, name_hlc)"
+            " values ($1, 'NEW-2', 'Saw', 9e15)",
+            ITEM_2,
+        )
+    stamped = {
+        row["id"]: row
+        for row in await admin.fetch(
+            "select id::text, name_hlc, name_writer, origin from public.inventory_items"
+        )
+    }
+    for ident in (ITEM, ITEM_2):
+        assert T < stamped[ident]["name_hlc"] < 9e15
+        assert (stamped[ident]["name_writer"], stamped[ident]["origin"]) == ("cloud", "web")
+    assert sorted(c["item"] for c in await web_changes(bridge)) == [ITEM, ITEM_2]
+    # ...and the bridge's own writes are still not taken for web edits.
+    assert (await merge(bridge, batch(item(ITEM, notes=("n", 2 * T)))))["items_changed"] == 1
+    assert len(await web_changes(bridge)) == 2
+
+
+async def test_a_malformed_request_is_not_a_data_error(bridge: Conn) -> None:
+    # No row is at fault, so the bridge must not bisect and park every row of the batch.
+    requests = (
+        merge(bridge, {"items": [new_item()]}),
+        merge(bridge, {"fleet": "", "items": []}),
+        merge(bridge, {"fleet": FLEET, "items": {"id": ITEM}}),
+        merge(bridge, {"fleet": FLEET, "movements": "m-1"}),
+        pull(bridge, fleet=""),
+    )
+    for request in requests:
+        with pytest.raises(asyncpg.PostgresError) as raised:
+            await request
+        assert raised.value.sqlstate == "P0001"
+        assert not is_data_error(raised.value.sqlstate)
+        assert "invsync: " in str(raised.value)
+
+
+async def test_pull_starts_over_for_a_cursor_this_database_never_gave(
+    cloud_dbs: CloneDatabase,
+) -> None:
+    first, second = await cloud_dbs(), await cloud_dbs()
+    one = await asyncpg.connect(first.bridge_dsn, statement_cache_size=0)
+    two = await asyncpg.connect(second.bridge_dsn, statement_cache_size=0)
+    web = await asyncpg.connect(first.authenticator_dsn)
+    try:
+        database = str(await one.fetchval("select public.invsync_database_id()"))
+        assert database != str(await two.fetchval("select public.invsync_database_id()"))
+        await merge(one, batch(new_item()))
+        start = await pull(one)
+        assert (start["database"], start["reset"]) == (database, False)
+        await _web_update(web, "update public.inventory_items set name = 'Web'")
+        page = await pull(one, start["cursor"])
+        assert (len(page["changes"]), page["reset"]) == (1, False)
+        assert (await pull(one, page["cursor"]))["changes"] == []
+
+        txid, change, _ = page["cursor"].split(":")
+        for cursor in (
+            f"{2**40}:0:{database}",  # a restored backup: behind the cursor's transaction
+            f"{txid}:{change}:{uuid.uuid4()}",  # another database at the same URL
+            f"{2**70}:0:{database}",
+            "not a cursor",
+        ):
+            again = await pull(one, cursor)
+            assert again["reset"], cursor
+            assert [c["fields"]["name"][0] for c in again["changes"]] == ["Web"], cursor
+        # A cursor of the first database means nothing to the second.
+        other = await pull(two, page["cursor"])
+        assert (other["reset"], other["database"]) != (False, database)
+        assert other["reset"]
+    finally:
+        for conn in (one, two, web):
+            await conn.close()
+
+
+async def test_only_the_owner_sees_the_migrations_and_bridge_logins_are_members(
+    cloud_db: CloudDatabase, admin: Conn
+) -> None:
+    for role in ("anon", "authenticated", "service_role", "invsync_bridge"):
+        for privilege in ("select", "insert", "update", "delete", "truncate"):
+            assert not await admin.fetchval(
+                "select has_table_privilege($1, 'public.invsync_migrations', $2)",
+                role,
+                privilege,
+            ), (role, privilege)
+    # invsync_bridge is a group: stations log in as its members, never as it.
+    with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError):
+        await asyncpg.connect(cloud_db.cluster.dsn(cloud_db.name, "invsync_bridge"))

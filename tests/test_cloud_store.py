@@ -175,7 +175,8 @@ async def test_web_stock_is_a_count_and_web_rows_create_items(store: Store) -> N
         [CloudEdit(spk.id, {"stock": (10, web_hlc(store))}, change_id="c2")]
     )
     assert view.stock == 10
-    assert view.stock_by_station[CLOUD_WRITER] == 5
+    (count,) = [k for k in view.stock_by_station if k.startswith(CLOUD_WRITER + ":")]
+    assert view.stock_by_station[count] == 5
     assert (await store.history(spk.id))[-1].qty == 5
 
     web_id = "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"
@@ -245,3 +246,104 @@ async def test_a_web_count_pulled_by_two_stations_counts_once(open_store: OpenSt
     await b.apply_cloud_edits([new])
     await sync_pair(a, b)
     assert (await a.item(web_id)).stock == (await b.item(web_id)).stock == 4
+
+
+async def test_web_counts_pulled_in_any_order_by_two_stations_count_once_each(
+    open_store: OpenStore,
+) -> None:
+    """Each web count is its own counter slot, keyed by its change: stations applying
+    counts in different orders, each before seeing the other's, still agree (a shared
+    slot rewritten per count could lose one to a concurrent rewrite)."""
+    a = await open_store("A")
+    b = await open_store("B")
+    spk = await a.add_item(NewItem("SPK001", "Speaker", qty=8))
+    await sync_pair(a, b)
+    first = CloudEdit(spk.id, {"stock": (20, web_hlc(a))}, change_id="db/1", stock_before=8)
+    second = CloudEdit(spk.id, {"stock": (15, web_hlc(a, 2000))}, change_id="db/2", stock_before=20)
+    await a.apply_cloud_edits([first, second])
+    await b.apply_cloud_edits([first])
+    await sync_pair(a, b)
+    await b.apply_cloud_edits([second, first])  # again, and late: nothing changes
+    await sync_pair(a, b)
+    for store in (a, b):
+        assert (await store.item(spk.id)).stock == 15
+        counts = [m.qty for m in await store.history(spk.id) if m.op == "count"]
+        assert sorted(counts) == [-5, 12]
+
+
+async def test_a_web_edit_with_the_hlc_of_a_station_write_resolves_as_the_table_does(
+    open_store: OpenStore,
+) -> None:
+    """Equal HLCs: the writer breaks the tie, in the item view and in the cloud table
+    alike (("A", h) < ("cloud", h) < ("zz", h)), so both sides keep the same value."""
+    a = await open_store("A")
+    zz = await open_store("zz")
+    spk = await a.add_item(NewItem("SPK001", "Speaker", qty=8))
+    await sync_pair(a, zz)
+    await zz.edit_item(spk.id, {"location": "Aisle 2"})
+    view = await a.edit_item(spk.id, {"name": "Station name"})
+    await sync_pair(a, zz)
+    name_hlc = view.field_hlcs["name"]
+    location_hlc = (await a.item(spk.id)).field_hlcs["location"]
+    (won,) = await a.apply_cloud_edits(
+        [CloudEdit(spk.id, {"name": ("Web name", name_hlc)}, change_id="7")]
+    )
+    assert won.name == "Web name"  # ("cloud", h) > ("A", h)
+    assert (
+        await a.apply_cloud_edits(
+            [CloudEdit(spk.id, {"location": ("Web aisle", location_hlc)}, change_id="8")]
+        )
+        == []
+    )  # ("zz", h) > ("cloud", h)
+    assert (await a.item(spk.id)).location == "Aisle 2"
+
+
+async def test_a_refused_web_value_is_reported_and_the_stations_value_refreshed(
+    store: Store,
+) -> None:
+    spk = await store.add_item(NewItem("SPK001", "Speaker", qty=8))
+    await drain(store)
+    hlc = web_hlc(store)
+    applied = await store.apply_cloud_pull(
+        [
+            CloudEdit(
+                spk.id,
+                {"name": ("", hlc), "stock": (-3, hlc), "notes": ("fine", hlc)},
+                change_id="db/4",
+            )
+        ]
+    )
+    (view,) = applied.views
+    assert (view.name, view.notes, view.stock) == ("Speaker", "fine", 8)
+    assert [(r.field, r.barcode) for r in applied.refused] == [
+        ("name", "SPK001"),
+        ("stock", "SPK001"),
+    ]
+    # The station's own values, written again after the web edit's clock: the next push
+    # wins over the refused values in the cloud row.
+    assert view.field_hlcs["name"] > hlc
+    assert view.stock_hlcs["A"] > hlc
+    assert {d.view.id for d in await store.cloud_dirty_items(10)} == {spk.id}
+    # A refused value of an item the station does not have: reported, nothing written.
+    unknown = "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5d"
+    applied = await store.apply_cloud_pull([CloudEdit(unknown, {"name": ("", hlc)})])
+    assert applied.views == [] and [r.field for r in applied.refused] == ["name"]
+
+
+async def test_another_database_id_starts_the_outbox_over(store: Store) -> None:
+    await store.add_item(NewItem("SPK001", "Speaker", qty=8))
+    await store.cloud_use_target("db/FLEET")
+    await drain(store)
+    await store.apply_cloud_edits([], cursor="5:0")
+    assert await store.cloud_use_database("one") is False  # first seen: only recorded
+    assert await store.cloud_use_database("one") is False
+    assert (await store.cloud_backlog()).items == 0 and await store.cloud_cursor() == "5:0"
+    assert await store.cloud_use_database("two") is True
+    assert (await store.cloud_backlog()).to_json() == {"items": 1, "movements": 1, "parked": 0}
+    assert await store.cloud_cursor() is None
+    assert await store.cloud_use_database("two") is False
+    await drain(store)
+    await store.apply_cloud_edits([], cursor="6:0")
+    await store.cloud_start_over()
+    assert (await store.cloud_backlog()).items == 1 and await store.cloud_cursor() is None
+    assert await store.cloud_use_database("two") is False, "the id stays recorded"

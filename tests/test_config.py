@@ -18,11 +18,13 @@ import pytest
 from daemon import config as config_module
 from daemon.config import (
     MAX_SOCKET_PATH,
+    CloudConfig,
     Config,
     ConfigError,
     HostPort,
     load_config,
     parse_duration,
+    redact_url,
 )
 
 HOME = "/home/ops"
@@ -454,3 +456,32 @@ def test_plain_http_only_for_a_local_supabase(url: str, ok: bool) -> None:
 
 def test_push_interval_below_a_tenth_of_a_second_is_refused() -> None:
     assert config_error(INVSYNC_CLOUD_PUSH_INTERVAL="10ms").setting == "cloud.push_interval"
+
+
+def test_secrets_stay_out_of_errors_and_reprs() -> None:
+    """A config error or a logged config must not print the database password or the
+    project key (they end up in journald and in bug reports)."""
+    bad_url = config_error(INVSYNC_CLOUD_URL="ftp://dock_a:s3cret-pw@db.example:5432/inv")
+    assert "s3cret-pw" not in str(bad_url) and "dock_a@db.example:5432" in str(bad_url)
+    assert "s3cret-pw" not in repr(bad_url.value)
+    http = config_error(INVSYNC_CLOUD_URL="http://u:s3cret-pw@example.com/x")
+    assert "s3cret-pw" not in str(http)
+    key = (
+        "eyJhbGciOiJIUzI1NiJ9."
+        + base64.urlsafe_b64encode(b'{"role":"service_role"}').decode().rstrip("=")
+        + ".c2lnbmF0dXJlLXNlY3JldA"
+    )
+    refused = config_error(
+        INVSYNC_CLOUD_URL="https://abc.supabase.co",
+        INVSYNC_CLOUD_ANON_KEY=key,
+        INVSYNC_CLOUD_STATION_EMAIL="dock@example.com",
+        INVSYNC_CLOUD_STATION_PASSWORD_FILE="/etc/pw",
+    )
+    assert "c2lnbmF0dXJlLXNlY3JldA" not in str(refused)
+    cloud = CloudConfig(
+        url="postgresql://dock_a:s3cret-pw@db:5432/inv?password=other-secret",
+        anon_key="eyJ-the-anon-key",
+    )
+    assert "s3cret-pw" not in repr(cloud) and "other-secret" not in repr(cloud)
+    assert "the-anon-key" not in repr(cloud) and "dock_a@db:5432/inv" in repr(cloud)
+    assert redact_url("postgresql://u:p:q@h/db") == "postgresql://u@h/db"

@@ -6,6 +6,16 @@
 -- integer below 2**53 (milliseconds << 11 | counter), compared as bigint. A field only ever
 -- moves to a strictly greater (hlc, writer), so replayed and stale batches change nothing
 -- and several bridges pushing at once converge.
+--
+-- Errors the bridge functions raise, by SQLSTATE (the bridge decides what to do by class):
+-- * 21xxx, 22xxx, 23xxx, 54xxx: a row of the batch is bad (a value a constraint refuses,
+--   23514; a malformed value, 22P02; an item of another fleet, 23514). The bridge halves
+--   the batch until the bad row is alone and parks it.
+-- * 42501 (insufficient_privilege): the caller may not act for this fleet.
+-- * P0001 (raise_exception): the request as a whole is malformed (no fleet, `items` or
+--   `movements` not arrays). No row is at fault, so none may be parked: the bridge backs
+--   off and retries, and reports the message.
+-- Web writes the stations would refuse fail with 23514 and a message naming the field.
 
 create schema if not exists invsync_private;
 
@@ -71,40 +81,62 @@ as $$
 $$;
 
 create table public.inventory_items (
-  id uuid primary key default invsync_private.uuid7(),
+  -- Constraint names are what a web app shows in its error message: they say the rule.
+  id uuid primary key default invsync_private.uuid7()
+    constraint "id must be a UUIDv7 (leave it out to get one)"
+    check (substr(id::text, 15, 1) = '7' and substr(id::text, 20, 1) in ('8', '9', 'a', 'b')),
   fleet text not null default invsync_private.jwt_fleet()
-    check (length(fleet) between 1 and 64),
+    constraint "fleet must be 1-64 characters" check (length(fleet) between 1 and 64),
   barcode text not null default ''
+    constraint "barcode: 1-64 printable ASCII characters, no spaces"
     check (barcode = '' or barcode ~ '^[!-~]{1,64}$'),
   barcode_hlc bigint not null default 0,
   barcode_writer text not null default '',
-  name text not null default '' check (length(name) <= 200),
+  name text not null default ''
+    constraint "name must be at most 200 characters" check (length(name) <= 200),
   name_hlc bigint not null default 0,
   name_writer text not null default '',
-  kind text not null default 'bulk' check (kind in ('bulk', 'serial')),
+  kind text not null default 'bulk'
+    constraint "kind must be bulk or serial" check (kind in ('bulk', 'serial')),
   kind_hlc bigint not null default 0,
   kind_writer text not null default '',
-  location text not null default '' check (length(location) <= 100),
+  location text not null default ''
+    constraint "location must be at most 100 characters" check (length(location) <= 100),
   location_hlc bigint not null default 0,
   location_writer text not null default '',
-  category text not null default '' check (length(category) <= 100),
+  category text not null default ''
+    constraint "category must be at most 100 characters" check (length(category) <= 100),
   category_hlc bigint not null default 0,
   category_writer text not null default '',
-  notes text not null default '' check (length(notes) <= 2000),
+  notes text not null default ''
+    constraint "notes must be at most 2000 characters" check (length(notes) <= 2000),
   notes_hlc bigint not null default 0,
   notes_writer text not null default '',
-  status text not null default 'in' check (status in ('in', 'out', 'repair', 'lost')),
+  status text not null default 'in'
+    constraint "status must be in, out, repair or lost"
+    check (status in ('in', 'out', 'repair', 'lost')),
   status_hlc bigint not null default 0,
   status_writer text not null default '',
-  sheet text check (sheet is null or length(sheet) between 1 and 64),
+  sheet text
+    constraint "sheet must be null or 1-64 characters"
+    check (sheet is null or length(sheet) between 1 and 64),
   sheet_hlc bigint not null default 0,
   sheet_writer text not null default '',
   deleted boolean not null default false,
   deleted_hlc bigint not null default 0,
   deleted_writer text not null default '',
-  stock integer not null default 0 check (stock between -1000000000 and 1000000000),
-  -- The sum of the station's stock slot HLCs: it only grows as a view learns more.
+  stock integer not null default 0
+    constraint "stock must be within +-1000000000"
+    check (stock between -1000000000 and 1000000000),
+  -- Which pushed stock is the more complete view: (stock_kind_hlc, stock_version). The
+  -- version (the sum of the counter slot HLCs for bulk, the status HLC for a serialized
+  -- unit) only grows under one kind, so the HLC of the `kind` the pushing view had comes
+  -- first: a kind change makes any version of the new kind newer.
   stock_version bigint not null default 0,
+  stock_kind_hlc bigint not null default 0,
+  -- The HLC of the last web edit of stock (its change log entry carries it). Part of the
+  -- floor of the next web edit's HLC, so every web edit of a row is newer than the last.
+  stock_web_hlc bigint not null default 0,
   updated_at timestamptz not null default now(),
   -- 'station:<id>' for the bridge, 'web' for everyone else.
   origin text not null default 'web' check (length(origin) <= 80)
@@ -142,8 +174,52 @@ create table public.inventory_changes (
 
 create index inventory_changes_fleet_txid on public.inventory_changes (fleet, txid, change_id);
 
--- Web edits (web app, SQL editor, anyone but the bridge): stamp each changed field with a
--- server HLC above every HLC in the row, mark the row as the web's, and log the change.
+-- Which database this is: a random id written once, when the migrations first run. A
+-- database restored from a backup or made again at the same URL has another id (or a
+-- transaction counter below the bridge's cursor), so a bridge can tell it is not the
+-- database it pushed to and pulled from (see pull_changes).
+create table invsync_private.database_instance (
+  only_row boolean primary key default true check (only_row),
+  id uuid not null default pg_catalog.gen_random_uuid(),
+  created_at timestamptz not null default now()
+);
+
+insert into invsync_private.database_instance default values;
+
+create or replace function public.invsync_database_id()
+returns uuid
+language sql
+stable
+security definer
+set search_path = ''
+as $$
+  select d.id from invsync_private.database_instance d
+$$;
+
+-- Whether a write comes from merge_inventory. The transaction-local setting alone proves
+-- nothing (any session may set it), so the write must also run as a role that may grant
+-- UPDATE on the table: its owner, which merge_inventory (SECURITY DEFINER) runs as and a
+-- web user's session never is (nor is anyone the owner did not trust with grant options,
+-- except superusers). Called from the triggers' WHEN clauses, so it runs as the writing
+-- user: every role may execute it (002_access.sql). No SET search_path (every name is
+-- qualified, operators too): it must stay inlinable, as a function call per row and
+-- trigger would make a push of many rows several times slower.
+create or replace function invsync_private.bridge_writing()
+returns boolean
+language sql
+stable
+as $$
+  select coalesce(
+      pg_catalog.current_setting('invsync.bridge', true) operator(pg_catalog.=) 'on', false)
+    and pg_catalog.has_table_privilege(
+      'public.inventory_items'::pg_catalog.regclass, 'UPDATE WITH GRANT OPTION')
+$$;
+
+-- Web edits (web app, SQL editor, anyone but the bridge), before the row is written:
+-- stamp each changed field with a server HLC above every HLC in the row and mark the row
+-- as the web's. Nothing is logged here: for INSERT .. ON CONFLICT (what supabase-js's
+-- upsert() sends) this runs for the proposed row before the conflict is known, and that
+-- row may never be written (log_web_edit logs what was).
 create or replace function invsync_private.stamp_web_edit()
 returns trigger
 language plpgsql
@@ -152,7 +228,7 @@ set search_path = ''
 as $$
 declare
   hlc bigint;
-  changed jsonb := '{}';
+  changed boolean := false;
 begin
   if tg_op = 'INSERT' then
     hlc := invsync_private.server_hlc(0);
@@ -166,106 +242,192 @@ begin
     new.sheet_hlc := hlc; new.sheet_writer := 'cloud';
     new.deleted_hlc := hlc; new.deleted_writer := 'cloud';
     new.stock_version := 0;
-    changed := jsonb_build_object(
-      'barcode', jsonb_build_array(new.barcode, hlc),
-      'name', jsonb_build_array(new.name, hlc),
-      'kind', jsonb_build_array(new.kind, hlc),
-      'location', jsonb_build_array(new.location, hlc),
-      'category', jsonb_build_array(new.category, hlc),
-      'notes', jsonb_build_array(new.notes, hlc),
-      'status', jsonb_build_array(new.status, hlc),
-      'sheet', jsonb_build_array(new.sheet, hlc),
-      'deleted', jsonb_build_array(new.deleted, hlc),
-      'stock', jsonb_build_array(new.stock, hlc, 0)
-    );
-  else
-    if new.id is distinct from old.id or new.fleet is distinct from old.fleet then
-      raise exception 'an item keeps its id and fleet'
-        using errcode = 'check_violation';
-    end if;
-    hlc := invsync_private.server_hlc(greatest(
-      old.barcode_hlc, old.name_hlc, old.kind_hlc, old.location_hlc, old.category_hlc,
-      old.notes_hlc, old.status_hlc, old.sheet_hlc, old.deleted_hlc));
-    -- Clock columns are the bridge's: a web write to them is ignored.
-    new.barcode_hlc := old.barcode_hlc; new.barcode_writer := old.barcode_writer;
-    new.name_hlc := old.name_hlc; new.name_writer := old.name_writer;
-    new.kind_hlc := old.kind_hlc; new.kind_writer := old.kind_writer;
-    new.location_hlc := old.location_hlc; new.location_writer := old.location_writer;
-    new.category_hlc := old.category_hlc; new.category_writer := old.category_writer;
-    new.notes_hlc := old.notes_hlc; new.notes_writer := old.notes_writer;
-    new.status_hlc := old.status_hlc; new.status_writer := old.status_writer;
-    new.sheet_hlc := old.sheet_hlc; new.sheet_writer := old.sheet_writer;
-    new.deleted_hlc := old.deleted_hlc; new.deleted_writer := old.deleted_writer;
-    new.stock_version := old.stock_version;
-    if new.barcode is distinct from old.barcode then
-      new.barcode_hlc := hlc; new.barcode_writer := 'cloud';
-      changed := changed || jsonb_build_object('barcode', jsonb_build_array(new.barcode, hlc));
-    end if;
-    if new.name is distinct from old.name then
-      new.name_hlc := hlc; new.name_writer := 'cloud';
-      changed := changed || jsonb_build_object('name', jsonb_build_array(new.name, hlc));
-    end if;
-    if new.kind is distinct from old.kind then
-      new.kind_hlc := hlc; new.kind_writer := 'cloud';
-      changed := changed || jsonb_build_object('kind', jsonb_build_array(new.kind, hlc));
-    end if;
-    if new.location is distinct from old.location then
-      new.location_hlc := hlc; new.location_writer := 'cloud';
-      changed := changed || jsonb_build_object('location', jsonb_build_array(new.location, hlc));
-    end if;
-    if new.category is distinct from old.category then
-      new.category_hlc := hlc; new.category_writer := 'cloud';
-      changed := changed || jsonb_build_object('category', jsonb_build_array(new.category, hlc));
-    end if;
-    if new.notes is distinct from old.notes then
-      new.notes_hlc := hlc; new.notes_writer := 'cloud';
-      changed := changed || jsonb_build_object('notes', jsonb_build_array(new.notes, hlc));
-    end if;
-    if new.status is distinct from old.status then
-      new.status_hlc := hlc; new.status_writer := 'cloud';
-      changed := changed || jsonb_build_object('status', jsonb_build_array(new.status, hlc));
-    end if;
-    if new.sheet is distinct from old.sheet then
-      new.sheet_hlc := hlc; new.sheet_writer := 'cloud';
-      changed := changed || jsonb_build_object('sheet', jsonb_build_array(new.sheet, hlc));
-    end if;
-    if new.deleted is distinct from old.deleted then
-      new.deleted_hlc := hlc; new.deleted_writer := 'cloud';
-      changed := changed || jsonb_build_object('deleted', jsonb_build_array(new.deleted, hlc));
-    end if;
-    -- Stock stays a counter on the stations: a web edit of it is a count, applied there
-    -- as the difference from the stock the cloud showed (the third element, so every
-    -- station adds the same amount); stock_version is left alone so the next push of a
-    -- station that has applied the count replaces this value with the merged one.
-    if new.stock is distinct from old.stock then
-      changed := changed || jsonb_build_object('stock', jsonb_build_array(new.stock, hlc, old.stock));
-    end if;
-    if changed = '{}' then
-      new.origin := old.origin;
-      new.updated_at := old.updated_at;
-      return new;
-    end if;
+    new.stock_kind_hlc := 0;
+    new.stock_web_hlc := hlc;
+    new.origin := 'web';
+    new.updated_at := now();
+    return new;
   end if;
-  new.origin := 'web';
-  new.updated_at := now();
-  insert into public.inventory_changes (fleet, item_id, fields)
-  values (new.fleet, new.id, changed);
+  if new.id is distinct from old.id or new.fleet is distinct from old.fleet then
+    raise exception 'an item keeps its id and fleet'
+      using errcode = 'check_violation';
+  end if;
+  hlc := invsync_private.server_hlc(greatest(
+    old.barcode_hlc, old.name_hlc, old.kind_hlc, old.location_hlc, old.category_hlc,
+    old.notes_hlc, old.status_hlc, old.sheet_hlc, old.deleted_hlc, old.stock_web_hlc));
+  -- Clock columns are the bridge's: a web write to them is ignored.
+  new.barcode_hlc := old.barcode_hlc; new.barcode_writer := old.barcode_writer;
+  new.name_hlc := old.name_hlc; new.name_writer := old.name_writer;
+  new.kind_hlc := old.kind_hlc; new.kind_writer := old.kind_writer;
+  new.location_hlc := old.location_hlc; new.location_writer := old.location_writer;
+  new.category_hlc := old.category_hlc; new.category_writer := old.category_writer;
+  new.notes_hlc := old.notes_hlc; new.notes_writer := old.notes_writer;
+  new.status_hlc := old.status_hlc; new.status_writer := old.status_writer;
+  new.sheet_hlc := old.sheet_hlc; new.sheet_writer := old.sheet_writer;
+  new.deleted_hlc := old.deleted_hlc; new.deleted_writer := old.deleted_writer;
+  new.stock_version := old.stock_version;
+  new.stock_kind_hlc := old.stock_kind_hlc;
+  new.stock_web_hlc := old.stock_web_hlc;
+  if new.barcode is distinct from old.barcode then
+    new.barcode_hlc := hlc; new.barcode_writer := 'cloud'; changed := true;
+  end if;
+  if new.name is distinct from old.name then
+    new.name_hlc := hlc; new.name_writer := 'cloud'; changed := true;
+  end if;
+  if new.kind is distinct from old.kind then
+    new.kind_hlc := hlc; new.kind_writer := 'cloud'; changed := true;
+  end if;
+  if new.location is distinct from old.location then
+    new.location_hlc := hlc; new.location_writer := 'cloud'; changed := true;
+  end if;
+  if new.category is distinct from old.category then
+    new.category_hlc := hlc; new.category_writer := 'cloud'; changed := true;
+  end if;
+  if new.notes is distinct from old.notes then
+    new.notes_hlc := hlc; new.notes_writer := 'cloud'; changed := true;
+  end if;
+  if new.status is distinct from old.status then
+    new.status_hlc := hlc; new.status_writer := 'cloud'; changed := true;
+  end if;
+  if new.sheet is distinct from old.sheet then
+    new.sheet_hlc := hlc; new.sheet_writer := 'cloud'; changed := true;
+  end if;
+  if new.deleted is distinct from old.deleted then
+    new.deleted_hlc := hlc; new.deleted_writer := 'cloud'; changed := true;
+  end if;
+  -- Stock stays a counter on the stations: a web edit of it is a count, applied there
+  -- as the difference from the stock the cloud showed (logged with it, so every station
+  -- adds the same amount). stock_version is left alone, so the next push of a station
+  -- that has applied the count replaces this value with the merged one.
+  if new.stock is distinct from old.stock then
+    new.stock_web_hlc := hlc; changed := true;
+  end if;
+  if changed then
+    new.origin := 'web';
+    new.updated_at := now();
+  else
+    new.origin := old.origin;
+    new.updated_at := old.updated_at;
+  end if;
   return new;
 end
 $$;
 
--- The bridge marks its own writes with a transaction-local setting; the WHEN clause keeps
--- the trigger function from even being called for them.
+-- A web value the stations would refuse (crdt_store.model.check_field and the stock
+-- bounds of a count) fails here, as the web app's error, rather than reaching the
+-- stations, which would ignore it and never agree with the table again. The rules the
+-- table's CHECK constraints already hold for every writer (lengths, kind, status, id) are
+-- not repeated.
+create or replace function invsync_private.check_web_value(field text, value jsonb)
+returns void
+language plpgsql
+immutable
+set search_path = ''
+as $$
+declare
+  given text := value #>> '{}';
+  -- Python's str.strip() removes what str.isspace() calls whitespace: these.
+  whitespace constant text := pg_catalog.chr(9) || pg_catalog.chr(10) || pg_catalog.chr(11)
+    || pg_catalog.chr(12) || pg_catalog.chr(13) || pg_catalog.chr(28) || pg_catalog.chr(29)
+    || pg_catalog.chr(30) || pg_catalog.chr(31) || ' ' || pg_catalog.chr(133)
+    || pg_catalog.chr(160) || pg_catalog.chr(5760) || pg_catalog.chr(8192)
+    || pg_catalog.chr(8193) || pg_catalog.chr(8194) || pg_catalog.chr(8195)
+    || pg_catalog.chr(8196) || pg_catalog.chr(8197) || pg_catalog.chr(8198)
+    || pg_catalog.chr(8199) || pg_catalog.chr(8200) || pg_catalog.chr(8201)
+    || pg_catalog.chr(8202) || pg_catalog.chr(8232) || pg_catalog.chr(8233)
+    || pg_catalog.chr(8239) || pg_catalog.chr(8287) || pg_catalog.chr(12288);
+  -- Unicode category Cc (U+0001-U+001F, U+007F-U+009F); notes may hold tabs and newlines.
+  control constant text := '[' || pg_catalog.chr(1) || '-' || pg_catalog.chr(8)
+    || pg_catalog.chr(11) || '-' || pg_catalog.chr(31)
+    || pg_catalog.chr(127) || '-' || pg_catalog.chr(159) || ']';
+  tab_newline constant text := '[' || pg_catalog.chr(9) || pg_catalog.chr(10) || ']';
+  problem text;
+begin
+  if field = 'barcode' then
+    if given is null or given !~ '^[!-~]{1,64}$' then
+      problem := 'must be 1-64 printable ASCII characters, no spaces';
+    end if;
+  elsif field = 'stock' then
+    if jsonb_typeof(value) is distinct from 'number'
+        or (value #>> '{}')::numeric not between 0 and 1000000000 then
+      problem := 'must be a count between 0 and 1000000000';
+    end if;
+  elsif field in ('name', 'location', 'category', 'notes', 'sheet') and given is not null then
+    if pg_catalog.btrim(given, whitespace) = '' and field in ('name', 'sheet') then
+      problem := 'must not be empty';
+    elsif given <> pg_catalog.btrim(given, whitespace) then
+      problem := 'must not start or end with spaces';
+    elsif given ~ control or (field <> 'notes' and given ~ tab_newline) then
+      problem := case when field = 'notes'
+        then 'must not contain control characters other than tabs and line breaks'
+        else 'must not contain control characters (tabs and line breaks included)' end;
+    end if;
+  end if;
+  if problem is not null then
+    raise exception '% %', field, problem
+      using errcode = 'check_violation', schema = 'public', table = 'inventory_items',
+        column = field;
+  end if;
+end
+$$;
+
+-- Web edits, after the row is written (and only if it was: an upsert that updated the row
+-- comes here as an UPDATE, one that did nothing not at all): refuse values the stations
+-- would not take, then log what really changed, each field with its stamped HLC.
+--   fields = {field: [value, hlc]}, and for stock [value, hlc, stock before] (0 for a new
+--   row): a count, applied at the stations as the difference.
+create or replace function invsync_private.log_web_edit()
+returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+declare
+  now_row jsonb := to_jsonb(new);
+  was_row jsonb := case when tg_op = 'UPDATE' then to_jsonb(old) end;
+  field text;
+  changed jsonb := '{}';
+begin
+  foreach field in array array[
+    'barcode', 'name', 'kind', 'location', 'category', 'notes', 'status', 'sheet', 'deleted'
+  ] loop
+    if was_row is null or (now_row -> field) is distinct from (was_row -> field) then
+      perform invsync_private.check_web_value(field, now_row -> field);
+      changed := changed || jsonb_build_object(
+        field, jsonb_build_array(now_row -> field, now_row -> (field || '_hlc')));
+    end if;
+  end loop;
+  if was_row is null or (now_row -> 'stock') is distinct from (was_row -> 'stock') then
+    perform invsync_private.check_web_value('stock', now_row -> 'stock');
+    changed := changed || jsonb_build_object('stock', jsonb_build_array(
+      new.stock, new.stock_web_hlc, coalesce((was_row ->> 'stock')::integer, 0)));
+  end if;
+  if changed <> '{}' then
+    insert into public.inventory_changes (fleet, item_id, fields)
+    values (new.fleet, new.id, changed);
+  end if;
+  return null;
+end
+$$;
+
+-- The bridge's own writes (merge_inventory) call neither function.
 create trigger inventory_items_web_edit
 before insert or update on public.inventory_items
 for each row
-when (pg_catalog.current_setting('invsync.bridge', true) is distinct from 'on')
+when (invsync_private.bridge_writing() is not true)
 execute function invsync_private.stamp_web_edit();
+
+create trigger inventory_items_web_log
+after insert or update on public.inventory_items
+for each row
+when (invsync_private.bridge_writing() is not true)
+execute function invsync_private.log_web_edit();
 
 -- Who may act for `fleet`: a Supabase *station* user (JWT claims) only for the fleet in
 -- its app_metadata, and only if app_metadata marks it as a station ("invsync_station":
 -- true), so a web user of the fleet cannot push made-up clocks; the service role for any;
 -- a direct connection only as a member of invsync_bridge (role created in 002_access.sql).
+-- Raises P0001 without a fleet, 42501 for a caller that may not act for it.
 create or replace function invsync_private.check_caller(fleet text)
 returns void
 language plpgsql
@@ -276,7 +438,9 @@ declare
   claims jsonb := invsync_private.jwt_claims();
 begin
   if fleet is null or length(fleet) not between 1 and 64 then
-    raise exception 'the batch needs a fleet' using errcode = 'invalid_parameter_value';
+    -- P0001, not a data error: the whole request is wrong, no row of it (header).
+    raise exception 'invsync: the request needs a fleet (1-64 characters)'
+      using errcode = 'raise_exception';
   end if;
   if claims is not null and claims ->> 'role' is not null then
     if claims ->> 'role' = 'service_role' then
@@ -312,7 +476,7 @@ returns table (
   status text, status_hlc bigint, status_writer text,
   sheet text, sheet_hlc bigint, sheet_writer text,
   deleted boolean, deleted_hlc bigint, deleted_writer text,
-  stock integer, stock_version bigint
+  stock integer, stock_version bigint, stock_kind_hlc bigint
 )
 language sql
 immutable
@@ -340,7 +504,8 @@ as $$
     case when f ? 'deleted' then (f -> 'deleted' ->> 0)::boolean else false end,
     coalesce((f -> 'deleted' ->> 1)::bigint, 0), coalesce(f -> 'deleted' ->> 2, ''),
     coalesce((i.item -> 'stock' ->> 0)::integer, 0),
-    coalesce((i.item -> 'stock' ->> 1)::bigint, 0)
+    coalesce((i.item -> 'stock' ->> 1)::bigint, 0),
+    coalesce((i.item -> 'stock' ->> 2)::bigint, 0)
   from (
     select e.item, e.n, (e.item ->> 'id')::uuid as id, coalesce(e.item -> 'fields', '{}') as f
     from jsonb_array_elements(coalesce(batch -> 'items', '[]')) with ordinality as e(item, n)
@@ -350,12 +515,15 @@ $$;
 -- Push: merge a batch of item states and movements from one station's merged view.
 --   batch = {"fleet": F, "origin": "station:ID",
 --            "items": [{"id": uuid, "fields": {"name": [value, hlc] or [value, hlc, writer]},
---                       "stock": [value, version]}],
+--                       "stock": [value, version, kind_hlc]}],
 --            "movements": [{"id","hlc","station","operator","item","barcode","op","qty",
 --                           "sheet"}]}
 -- A field moves only to a strictly greater (hlc, writer); `writer` (the station whose slot
 -- won in the CRDT, '' when absent) only breaks ties between equal HLCs the way the CRDT
--- does. Returns {"items_changed": n, "movements_inserted": m}.
+-- does. Stock moves only to a strictly greater (kind_hlc, version): `version` is the sum
+-- of the counter slot HLCs (bulk) or the status HLC (serial), comparable only under one
+-- kind, and `kind_hlc` is the HLC of the `kind` field of the pushing view (0 if absent).
+-- Returns {"items_changed": n, "movements_inserted": m}.
 create or replace function public.merge_inventory(batch jsonb)
 returns jsonb
 language plpgsql
@@ -373,9 +541,11 @@ begin
   perform invsync_private.check_caller(p_fleet);
   if jsonb_typeof(coalesce(batch -> 'items', '[]')) <> 'array'
       or jsonb_typeof(coalesce(batch -> 'movements', '[]')) <> 'array' then
-    raise exception 'items and movements must be arrays'
-      using errcode = 'invalid_parameter_value';
+    raise exception 'invsync: the batch''s items and movements must be arrays'
+      using errcode = 'raise_exception';
   end if;
+  -- With this function running as the table's owner, the web-edit triggers skip these
+  -- writes (bridge_writing()).
   perform pg_catalog.set_config('invsync.bridge', 'on', true);
 
   if exists (
@@ -400,14 +570,16 @@ begin
       kind, kind_hlc, kind_writer, location, location_hlc, location_writer,
       category, category_hlc, category_writer, notes, notes_hlc, notes_writer,
       status, status_hlc, status_writer, sheet, sheet_hlc, sheet_writer,
-      deleted, deleted_hlc, deleted_writer, stock, stock_version, origin, updated_at)
+      deleted, deleted_hlc, deleted_writer, stock, stock_version, stock_kind_hlc, origin,
+      updated_at)
     select
       s.id, p_fleet,
       s.barcode, s.barcode_hlc, s.barcode_writer, s.name, s.name_hlc, s.name_writer,
       s.kind, s.kind_hlc, s.kind_writer, s.location, s.location_hlc, s.location_writer,
       s.category, s.category_hlc, s.category_writer, s.notes, s.notes_hlc, s.notes_writer,
       s.status, s.status_hlc, s.status_writer, s.sheet, s.sheet_hlc, s.sheet_writer,
-      s.deleted, s.deleted_hlc, s.deleted_writer, s.stock, s.stock_version, p_origin, now()
+      s.deleted, s.deleted_hlc, s.deleted_writer, s.stock, s.stock_version, s.stock_kind_hlc,
+      p_origin, now()
     from invsync_private.batch_items(batch) as s
     where s.rn = round
     order by s.id
@@ -475,9 +647,13 @@ begin
           > (t.deleted_hlc, t.deleted_writer collate "C")
         then excluded.deleted_writer else t.deleted_writer end,
       deleted_hlc = greatest(t.deleted_hlc, excluded.deleted_hlc),
-      stock = case when excluded.stock_version > t.stock_version
+      stock = case when (excluded.stock_kind_hlc, excluded.stock_version)
+          > (t.stock_kind_hlc, t.stock_version)
         then excluded.stock else t.stock end,
-      stock_version = greatest(t.stock_version, excluded.stock_version),
+      stock_version = case when (excluded.stock_kind_hlc, excluded.stock_version)
+          > (t.stock_kind_hlc, t.stock_version)
+        then excluded.stock_version else t.stock_version end,
+      stock_kind_hlc = greatest(t.stock_kind_hlc, excluded.stock_kind_hlc),
       origin = excluded.origin,
       updated_at = excluded.updated_at
     where t.fleet = excluded.fleet and (
@@ -499,7 +675,8 @@ begin
         > (t.sheet_hlc, t.sheet_writer collate "C")
       or (excluded.deleted_hlc, excluded.deleted_writer collate "C")
         > (t.deleted_hlc, t.deleted_writer collate "C")
-      or excluded.stock_version > t.stock_version);
+      or (excluded.stock_kind_hlc, excluded.stock_version)
+        > (t.stock_kind_hlc, t.stock_version));
     get diagnostics changed = row_count;
     item_count := item_count + changed;
   end loop;
@@ -522,12 +699,17 @@ $$;
 
 -- Pull: web edits of `fleet` after `cursor`.
 --   -> {"changes": [{"change_id": n, "item": uuid, "fields": {field: [value, hlc]}}],
---       "cursor": "<txid>:<change_id>", "more": bool}
--- The cursor "T:C" means: every change of a transaction below T, and those of T up to
--- change C, were returned. Only transactions below the current snapshot's xmin are read:
--- none of them is still running, so nothing can later appear behind the cursor (a
--- monotonic id or a timestamp would skip an edit whose transaction commits late). A
--- change may be returned twice across calls; applying it is idempotent.
+--       "cursor": "<txid>:<change_id>:<database id>", "more": bool,
+--       "reset": bool, "database": uuid}
+-- The cursor "T:C:D" means: every change of a transaction below T, and those of T up to
+-- change C, were returned by database D. Only transactions below the current snapshot's
+-- xmin are read: none of them is still running, so nothing can later appear behind the
+-- cursor (a monotonic id or a timestamp would skip an edit whose transaction commits
+-- late). A change may be returned twice across calls; applying it is idempotent.
+-- A cursor this database cannot have given (another database's id, a transaction this
+-- database has not reached yet: a restore or a new database at the same URL; or no
+-- cursor form at all) starts over from the first change, and the answer says
+-- "reset": true. "database" is invsync_database_id().
 create or replace function public.pull_changes(fleet text, cursor text, max_rows integer)
 returns jsonb
 language plpgsql
@@ -537,10 +719,14 @@ set search_path = ''
 as $$
 declare
   p_fleet text := $1;
+  db_id uuid := (select d.id from invsync_private.database_instance d);
   after_txid xid8 := '0';
   after_change bigint := 0;
-  horizon xid8 := pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot());
+  snap pg_snapshot := pg_catalog.pg_current_snapshot();
+  horizon xid8 := pg_catalog.pg_snapshot_xmin(snap);
   wanted int := least(greatest(coalesce($3, 500), 1), 10000);
+  was_reset boolean := false;
+  parts text[];
   result jsonb;
   got int;
   last_txid xid8;
@@ -548,11 +734,14 @@ declare
 begin
   perform invsync_private.check_caller(p_fleet);
   if coalesce($2, '') <> '' then
-    if $2 !~ '^[0-9]{1,20}:[0-9]{1,20}$' then
-      raise exception 'bad cursor %', $2 using errcode = 'invalid_parameter_value';
+    parts := pg_catalog.regexp_match($2, '^([0-9]{1,20}):([0-9]{1,18}):([0-9a-f-]{36})$');
+    if parts is null or parts[3] <> db_id::text
+        or parts[1]::numeric > pg_catalog.pg_snapshot_xmax(snap)::text::numeric then
+      was_reset := true;
+    else
+      after_txid := parts[1]::xid8;
+      after_change := parts[2]::bigint;
     end if;
-    after_txid := split_part($2, ':', 1)::xid8;
-    after_change := split_part($2, ':', 2)::bigint;
   end if;
 
   select
@@ -575,13 +764,14 @@ begin
 
   if got = wanted then
     return jsonb_build_object(
-      'changes', result, 'cursor', last_txid::text || ':' || last_change, 'more', true);
+      'changes', result, 'cursor', last_txid::text || ':' || last_change || ':' || db_id,
+      'more', true, 'reset', was_reset, 'database', db_id);
   end if;
   -- Everything below the horizon has been returned by now.
   return jsonb_build_object(
     'changes', result,
     'cursor', greatest(horizon, after_txid)::text || ':'
-      || case when horizon > after_txid then 0 else after_change end,
-    'more', false);
+      || case when horizon > after_txid then 0 else after_change end || ':' || db_id,
+    'more', false, 'reset', was_reset, 'database', db_id);
 end
 $$;

@@ -5,11 +5,11 @@
 --   through the two functions, which check the same claim. Items are never hard-deleted
 --   from the web app: it sets `deleted = true`, which reaches the stations like any edit.
 -- * `anon` gets nothing.
--- * `invsync_bridge` is the role for direct Postgres connections (on-premise servers):
---   it may only execute the two bridge functions, for any fleet; it reads no table.
---   Give it a password (`alter role invsync_bridge password '...'`) or grant it to one
---   login role per station (`create role station_a login password '...' in role
---   invsync_bridge`).
+-- * `invsync_bridge` is the group role for direct Postgres connections (on-premise
+--   servers): its members may only execute the bridge functions, for any fleet of the
+--   database; they read no table. It cannot log in itself: each station gets a login role
+--   in it (`create role dock_a login password '...' in role invsync_bridge`), so a
+--   station's password can be changed or its role dropped without touching the others.
 -- On plain PostgreSQL the Supabase roles are created here, so policies and grants have
 -- someone to name; on Supabase they already exist and are left as they are.
 
@@ -25,7 +25,11 @@ begin
     create role service_role nologin noinherit;
   end if;
   if not exists (select from pg_catalog.pg_roles where rolname = 'invsync_bridge') then
-    create role invsync_bridge login noinherit;
+    create role invsync_bridge nologin noinherit;
+  elsif exists (
+    select from pg_catalog.pg_roles where rolname = 'invsync_bridge' and rolcanlogin
+  ) then
+    alter role invsync_bridge nologin;
   end if;
 end
 $$;
@@ -61,16 +65,21 @@ create policy inventory_movements_read on public.inventory_movements
 -- inventory_changes has no policy: only the bridge functions (its owner) read it.
 
 revoke all on schema invsync_private from public, anon;
-grant usage on schema invsync_private to authenticated;
+grant usage on schema invsync_private to authenticated, service_role;
+revoke all on all tables in schema invsync_private
+  from public, anon, authenticated, service_role, invsync_bridge;
 revoke all on all functions in schema invsync_private
   from public, anon, authenticated, service_role, invsync_bridge;
 -- Column defaults and policies run as the web user: they need these three.
 grant execute on function invsync_private.jwt_claims(), invsync_private.jwt_fleet(),
-  invsync_private.uuid7() to authenticated;
+  invsync_private.uuid7() to authenticated, service_role;
+-- The web-edit triggers' WHEN clause runs as whoever writes the table, whichever role
+-- that is; it only tells whether this is merge_inventory writing.
+grant execute on function invsync_private.bridge_writing() to public;
 
 revoke all on function public.merge_inventory(jsonb),
-  public.pull_changes(text, text, integer)
+  public.pull_changes(text, text, integer), public.invsync_database_id()
   from public, anon, authenticated, service_role, invsync_bridge;
 grant execute on function public.merge_inventory(jsonb),
-  public.pull_changes(text, text, integer)
+  public.pull_changes(text, text, integer), public.invsync_database_id()
   to authenticated, service_role, invsync_bridge;
