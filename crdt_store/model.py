@@ -47,7 +47,7 @@ MAX_STOCK = 1_000_000_000
 
 _BARCODE_RE = re.compile(r"^[!-~]{1,64}$")
 _TEXT_LIMITS = {"name": 200, "location": 100, "category": 100, "notes": 2000, "sheet": 64}
-_DEFAULTS: dict[str, object] = {
+FIELD_DEFAULTS: dict[str, object] = {
     "barcode": "",
     "name": "",
     "kind": "bulk",
@@ -309,7 +309,7 @@ def _parse_slots(
             delta = _as_int(first)
             if delta is not None:
                 counters[station] = (delta, hlc)
-        elif name in _DEFAULTS and _fits(name, first):
+        elif name in FIELD_DEFAULTS and _fits(name, first):
             registers.setdefault(name, []).append((hlc, station, first))
     return registers, counters
 
@@ -317,7 +317,7 @@ def _parse_slots(
 def item_view(item_id: str, raw: Mapping[str, Any]) -> ItemView:
     """Resolve an item map (plain values, as pycrdt's ``to_py`` gives) into a view."""
     registers, counters = _parse_slots(raw)
-    values: dict[str, object] = dict(_DEFAULTS)
+    values: dict[str, object] = dict(FIELD_DEFAULTS)
     field_hlcs: dict[str, int] = {}
     conflicts: list[FieldConflict] = []
     top_hlc = 0

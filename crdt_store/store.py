@@ -59,6 +59,7 @@ from .hlc import HybridClock, physical_ms
 from .index import Alert
 from .model import (
     EDITABLE_FIELDS,
+    FIELD_DEFAULTS,
     MAX_STOCK,
     REGISTER_FIELDS,
     STOCK_FIELD,
@@ -635,9 +636,14 @@ class Store:
                 "category": new.category,
                 "notes": new.notes,
             }
-            if new.kind == "serial":
-                registers["status"] = "in"
-            raw: dict[str, Any] = {slot_key(k, station): [v, hlc] for k, v in registers.items()}
+            # A field at its default gets no slot: the view shows the default for a field
+            # nobody wrote. Each slot is a Yjs entry on every station (memory, bytes on the
+            # wire, import time), and most items leave notes, kind and more at default.
+            raw: dict[str, Any] = {
+                slot_key(k, station): [v, hlc]
+                for k, v in registers.items()
+                if k in ("barcode", "name") or v != FIELD_DEFAULTS[k]
+            }
             if new.kind == "bulk" and new.qty:
                 raw[slot_key(STOCK_FIELD, station)] = [new.qty, hlc]
             by_shard.setdefault(shard_of(item_id, self.shard_count), []).append((item_id, raw))
