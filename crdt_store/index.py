@@ -185,6 +185,21 @@ async def conflicted(db: aiosqlite.Connection) -> list[ItemView]:
         return _views(await cursor.fetchall())
 
 
+async def attention_counts(db: aiosqlite.Connection) -> tuple[int, int]:
+    """How many items list a conflict, and how many alerts ``alerts`` would return, without
+    building a single view (``invsync status`` asks for these on every call)."""
+    sql = (
+        "SELECT (SELECT count(*) FROM items WHERE id IN (SELECT item_id FROM conflicts)), "
+        "(SELECT count(*) FROM alerts a JOIN items i ON i.id = a.item_id WHERE NOT i.deleted)"
+        " + (SELECT count(*) FROM (SELECT 1 FROM items WHERE NOT deleted "
+        "GROUP BY barcode HAVING count(*) > 1))"
+    )
+    async with db.execute(sql) as cursor:
+        row = await cursor.fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
 async def alerts(db: aiosqlite.Connection) -> list[Alert]:
     found: list[Alert] = []
     async with db.execute(
@@ -216,6 +231,16 @@ async def history(
     async with db.execute(sql, [barcode, *item_ids]) as cursor:
         rows = await cursor.fetchall()
     return [Movement(*row) for row in rows]
+
+
+async def movement(db: aiosqlite.Connection, movement_id: str) -> Movement | None:
+    sql = (
+        "SELECT id, hlc, station, operator, item_id, barcode, op, qty, sheet FROM movements "
+        "WHERE id = ?"
+    )
+    async with db.execute(sql, (movement_id,)) as cursor:
+        row = await cursor.fetchone()
+    return Movement(*row) if row is not None else None
 
 
 async def movement_exists(db: aiosqlite.Connection, movement_id: str) -> bool:

@@ -955,6 +955,18 @@ class Store:
     def hlc(self) -> int:
         return self._clock.last
 
+    async def attention_counts(self) -> tuple[int, int]:
+        """(items with a conflict, alerts): the numbers ``conflicts`` and ``alerts`` would
+        list, from the index alone."""
+        self._check_open()
+        return await index.attention_counts(self._reader)
+
+    async def movement(self, movement_id: str) -> Movement | None:
+        """One committed movement by id (an operation's ``op_id`` names its movement), so a
+        client that retried an operation learns what the first attempt recorded."""
+        self._check_open()
+        return await index.movement(self._reader, movement_id)
+
     async def live_barcodes(self, barcodes: Sequence[str]) -> set[str]:
         """Which of these barcodes belong to a live item (one query, for imports)."""
         self._check_open()

@@ -8,12 +8,14 @@ only translate between JSON and the store: the rules live in ``crdt_store``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import os
 import socket
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -148,6 +150,9 @@ class ControlApi:
         self.fleet_admin = fleet
         self.cloud = cloud
         self.started = time.monotonic()
+        #: Held from "is this barcode taken?" until the item that takes it is committed
+        #: (and so in the index): two requests adding one barcode at once cannot both pass.
+        self._barcodes = asyncio.Lock()
         self._imports: dict[str, dict[str, int]] = {}
 
     def app(self) -> web.Application:
@@ -183,16 +188,15 @@ class ControlApi:
 
     async def status(self, request: web.Request) -> web.Response:
         store = self.store
-        conflicts = await store.conflicts()
-        alerts = await store.alerts()
+        conflicts, alerts = await store.attention_counts()
         body: dict[str, Any] = {
             "station": {"id": store.station_id, "name": self.config.name},
             "data_dir": str(self.config.data_dir),
             "socket": str(self.config.socket_path),
             "uptime_s": round(time.monotonic() - self.started, 1),
             "items": await store.count_items(),
-            "conflicts": len(conflicts),
-            "alerts": len(alerts),
+            "conflicts": conflicts,
+            "alerts": alerts,
             "hlc": store.hlc,
             "clock_warnings": [
                 {"station": w.station, "ahead_ms": w.ahead_ms} for w in store.clock_warnings()
@@ -252,9 +256,12 @@ class ControlApi:
             category=_text(data, "category", "") or "",
             notes=_text(data, "notes", "") or "",
         )
-        if await self.store.find(new.barcode) and not data.get("allow_duplicate"):
-            raise ApiError(409, "exists", f"an item with barcode {new.barcode!r} already exists")
-        view = await self.store.add_item(new, operator=_text(data, "operator", "") or "")
+        async with self._barcodes:
+            if await self.store.find(new.barcode) and not data.get("allow_duplicate"):
+                raise ApiError(
+                    409, "exists", f"an item with barcode {new.barcode!r} already exists"
+                )
+            view = await self.store.add_item(new, operator=_text(data, "operator", "") or "")
         return web.json_response({"item": _item(view)}, status=201)
 
     async def import_rows(self, request: web.Request) -> web.Response:
@@ -291,19 +298,20 @@ class ControlApi:
             self._imports[import_id] = seen
             while len(self._imports) > 8:
                 del self._imports[next(iter(self._imports))]
-        existing = await self.store.live_barcodes([new.barcode for _, new in good])
-        for line, new in good:
-            if new.barcode in seen:
-                problems.append(
-                    RowProblem(line, f"barcode {new.barcode} repeats line {seen[new.barcode]}")
-                )
-            elif new.barcode in existing:
-                skipped.append({"line": line, "barcode": new.barcode, "reason": "exists"})
-            else:
-                seen[new.barcode] = line
-                fresh.append(new)
         operator = _text(data, "operator", "") or ""
-        views = await self.store.import_items(fresh, operator=operator) if fresh else []
+        async with self._barcodes:
+            existing = await self.store.live_barcodes([new.barcode for _, new in good])
+            for line, new in good:
+                if new.barcode in seen:
+                    problems.append(
+                        RowProblem(line, f"barcode {new.barcode} repeats line {seen[new.barcode]}")
+                    )
+                elif new.barcode in existing:
+                    skipped.append({"line": line, "barcode": new.barcode, "reason": "exists"})
+                else:
+                    seen[new.barcode] = line
+                    fresh.append(new)
+            views = await self.store.import_items(fresh, operator=operator) if fresh else []
         return web.json_response(
             {
                 "imported": len(views),
@@ -332,16 +340,17 @@ class ControlApi:
         # The same rule as add_item: a barcode already in use is refused, or the edit
         # would leave two items that no scan can tell apart.
         new_barcode = changes.get("barcode")
-        if (
-            isinstance(new_barcode, str)
-            and new_barcode.strip() != view.barcode
-            and await self.store.find(new_barcode.strip())
-        ):
-            raise ApiError(
-                409, "exists", f"an item with barcode {new_barcode.strip()!r} already exists"
-            )
         operator = _text(data, "operator", "") or ""
-        view = await self.store.edit_item(view.id, changes, operator=operator)
+        async with self._barcodes:
+            if (
+                isinstance(new_barcode, str)
+                and new_barcode.strip() != view.barcode
+                and await self.store.find(new_barcode.strip())
+            ):
+                raise ApiError(
+                    409, "exists", f"an item with barcode {new_barcode.strip()!r} already exists"
+                )
+            view = await self.store.edit_item(view.id, changes, operator=operator)
         return web.json_response({"item": _item(view)})
 
     async def delete_item(self, request: web.Request) -> web.Response:
@@ -373,16 +382,21 @@ class ControlApi:
 
     async def count(self, request: web.Request) -> web.Response:
         view, data = await self._target(request)
-        before = view.stock
         if "counted" not in data:
             raise InvalidInput("counted", None, "give the number of units on the shelf")
+        # The change is what the count recorded in the ledger (read back by its op id): the
+        # index view read before it may lag a checkout in the same group commit, and a
+        # retried count must report the first attempt's change, not 0.
+        op_id = _text(data, "op_id") or str(uuid.uuid4())
         view = await self.store.count(
             view.id,
             _int(data, "counted", 0),
             operator=_text(data, "operator", "") or "",
-            op_id=_text(data, "op_id"),
+            op_id=op_id,
         )
-        return web.json_response({"item": _item(view), "change": view.stock - before})
+        recorded = await self.store.movement(op_id)
+        change = recorded.qty if recorded is not None else 0
+        return web.json_response({"item": _item(view), "change": change})
 
     async def history(self, request: web.Request) -> web.Response:
         key = request.match_info["key"]

@@ -617,9 +617,13 @@ async def run_operation(fleet: Fleet, op: Operation) -> None:
                 "category": "",
                 "notes": "",
             }
-            if op.serial:
-                registers["status"] = "in"
-            else:
+            # As the store does: a field at its default gets no slot when an item is added.
+            registers = {
+                name: value
+                for name, value in registers.items()
+                if name in ("barcode", "name") or value != DEFAULTS[name]
+            }
+            if not op.serial:
                 stock_delta = op.qty
         elif isinstance(op, Edit):
             changes = dict(edit_values(op))

@@ -32,7 +32,7 @@ from typing import IO, Any
 
 import pytest
 
-from cli.client import ControlClient, DaemonUnreachable, item_route
+from cli.client import ApiFailure, ControlClient, DaemonUnreachable, item_route
 from tests.daemon_harness import INVSYNC, INVSYNCD, Daemon, short_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -430,6 +430,51 @@ class NotifyListener:
             if at <= deadline:
                 messages.append(fields)
         return messages
+
+
+def test_one_barcode_added_by_many_clients_at_once_makes_one_item(station: Daemon) -> None:
+    """Eight scanners adding the same new barcode at the same moment: one item, the rest
+    are told it exists (the check and the commit are one step for the API)."""
+    station.start()
+    barrier = threading.Barrier(8)
+    outcomes: list[str] = []
+
+    def add() -> None:
+        client = ControlClient(station.socket_path, timeout=30)
+        try:
+            barrier.wait(10)
+            client.request("POST", "items", {"barcode": "RACE-1", "name": "Racing item"})
+            outcomes.append("created")
+        except ApiFailure as exc:
+            outcomes.append(exc.code)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=add) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(outcomes) == ["created"] + ["exists"] * 7
+    assert len(ok_json(station, "item", "show", "RACE-1")["items"]) == 1
+
+
+def test_a_retried_count_reports_the_change_it_recorded(station: Daemon) -> None:
+    """A scanner that lost the answer to a count retries it with the same op id: nothing
+    is counted twice, and the answer says what the count changed the first time."""
+    station.start()
+    add_item(station, "CNT-1", 8)
+    client = ControlClient(station.socket_path, timeout=30)
+    try:
+        body = {"counted": 5, "op_id": str(uuid.uuid4())}
+        first = client.request("POST", item_route("CNT-1", "count"), body)
+        again = client.request("POST", item_route("CNT-1", "count"), body)
+    finally:
+        client.close()
+    assert first["change"] == again["change"] == -3
+    assert again["item"]["stock"] == 5
+    counts = [m for m in ok_json(station, "history", "CNT-1")["movements"] if m["op"] == "count"]
+    assert [m["qty"] for m in counts] == [-3]
 
 
 def test_sd_notify_ready_watchdog_and_stopping(station: Daemon, base: Path) -> None:

@@ -310,6 +310,7 @@ async def test_concurrent_edits_conflict_latest_wins_and_resolve(
         assert conflict.field == "location"
         assert {slot.value for slot in conflict.slots} == {"Aisle 5", "Truck 2"}
         assert [v.id for v in await station.conflicts()] == [item.id]
+        assert await station.attention_counts() == (1, 0)  # what status shows
     with pytest.raises(NoConflict):
         await a.resolve_conflict(item.id, "name", "x")
     resolved = await a.resolve_conflict(item.id, "location", "Aisle 5")
@@ -317,6 +318,7 @@ async def test_concurrent_edits_conflict_latest_wins_and_resolve(
     await sync(a, b)
     assert (await b.item("SPK001")).location == "Aisle 5"
     assert await b.conflicts() == []
+    assert await b.attention_counts() == (0, 0)
 
 
 async def test_sequential_edits_are_not_conflicts(open_store: OpenStore) -> None:
@@ -356,6 +358,7 @@ async def test_oversold_after_merge_is_an_alert(open_store: OpenStore) -> None:
         assert (await station.item("SPK003")).stock == -1
         alerts = await station.alerts()
         assert [(alert.kind, alert.barcode) for alert in alerts] == [("oversold", "SPK003")]
+        assert await station.attention_counts() == (0, 1)
     await a.count(item.id, 0)
     await sync(a, b)
     assert await b.alerts() == []
@@ -373,6 +376,7 @@ async def test_double_booked_unit(open_store: OpenStore) -> None:
         assert view.double_booked
         assert [c.field for c in view.conflicts] == ["sheet"]
         assert [alert.kind for alert in await station.alerts()] == ["double_booked"]
+        assert await station.attention_counts() == (1, 1)
     fixed = await b.resolve_conflict(unit.id, "sheet", "JOB-2")
     assert (fixed.status, fixed.sheet, fixed.double_booked, fixed.conflicts) == (
         "out",
@@ -397,6 +401,7 @@ async def test_duplicate_barcode_is_an_alert_and_lookups_show_both(
             await station.item("CASE01")
         (alert,) = await station.alerts()
         assert alert.kind == "duplicate_barcode"
+        assert await station.attention_counts() == (0, 1)
         assert {item.id for item in alert.items} == {first.id, second.id}
     await a.edit_item(second.id, {"barcode": "CASE02"})
     assert await a.alerts() == []
