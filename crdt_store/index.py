@@ -9,6 +9,7 @@ rebuilt from the documents (``INDEX_VERSION`` in ``schema``).
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -143,6 +144,19 @@ async def by_id(db: aiosqlite.Connection, item_id: str) -> ItemView | None:
     async with db.execute("SELECT view FROM items WHERE id = ?", (item_id,)) as cursor:
         rows = await cursor.fetchall()
     views = _views(rows)
+    return views[0] if views else None
+
+
+def by_barcode_now(db: sqlite3.Connection, barcode: str) -> list[ItemView]:
+    """``by_barcode`` on a plain connection, for lookups answered on the event loop."""
+    rows = db.execute(
+        "SELECT view FROM items WHERE barcode = ? AND NOT deleted ORDER BY id", (barcode,)
+    ).fetchall()
+    return _views(rows)
+
+
+def by_id_now(db: sqlite3.Connection, item_id: str) -> ItemView | None:
+    views = _views(db.execute("SELECT view FROM items WHERE id = ?", (item_id,)).fetchall())
     return views[0] if views else None
 
 
