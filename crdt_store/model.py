@@ -432,16 +432,27 @@ def movement_to_raw(movement: Movement) -> list[object]:
 
 
 def _uuid_of(value: object) -> str | None:
+    """The UUID text of 16 raw bytes as a ledger entry holds them (bytes, or a list of
+    numbers after a round trip through JSON). A new station decodes every entry of the
+    ledger while it catches up, so this avoids building ``uuid.UUID`` objects."""
     if isinstance(value, bytes | bytearray):
         raw = bytes(value)
-    elif isinstance(value, list) and all(isinstance(b, int | float) for b in value):
+    elif isinstance(value, list):
         try:
-            raw = bytes(int(b) for b in value)
-        except ValueError:
-            return None
+            raw = bytes(value)  # a list of ints 0-255
+        except (TypeError, ValueError):
+            if not all(isinstance(b, int | float) for b in value):
+                return None
+            try:
+                raw = bytes(int(b) for b in value)
+            except ValueError:
+                return None
     else:
         return None
-    return str(uuid.UUID(bytes=raw)) if len(raw) == 16 else None
+    if len(raw) != 16:
+        return None
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def movement_from_raw(station: str, raw: object) -> Movement | None:

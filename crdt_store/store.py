@@ -164,6 +164,7 @@ class Store:
         path: Path,
         db: aiosqlite.Connection,
         reader: aiosqlite.Connection,
+        lookup: sqlite3.Connection,
         *,
         station_id: str,
         shard_count: int,
@@ -178,10 +179,8 @@ class Store:
         self.client_id = client_id
         self._db = db
         self._reader = reader
-        #: Indexed lookups by barcode or id, answered synchronously (see ``find``).
-        self._lookup = sqlite3.connect(
-            f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
-        )
+        #: Indexed lookups by barcode or id, answered on the caller's thread (see ``find``).
+        self._lookup = lookup
         self._clock = clock
         self._wall_clock = wall_clock
         self._compact_after = compact_after
@@ -272,6 +271,15 @@ class Store:
                 db, str(db_path), meta, station_id, shard_count
             )
             reader = await aiosqlite.connect(f"file:{db_path}?mode=ro", uri=True)
+            # timeout=0: a lookup that finds the database locked (WAL recovery after a
+            # crash) must not block the event loop; ``find`` then asks the reader thread.
+            lookup = sqlite3.connect(
+                f"file:{db_path}?mode=ro",
+                uri=True,
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=0,
+            )
         except BaseException:
             await db.close()
             raise
@@ -280,6 +288,7 @@ class Store:
             db_path,
             db,
             reader,
+            lookup,
             station_id=station_id,
             shard_count=shard_count,
             client_id=client_id,
@@ -893,10 +902,16 @@ class Store:
         than that in scheduling alone (lookup latency, and every scan goes through here).
         """
         self._check_open()
-        if is_item_id(key):
-            view = index.by_id_now(self._lookup, key)
-            return [view] if view is not None and not view.deleted else []
-        return index.by_barcode_now(self._lookup, check_barcode(key))
+        try:
+            if is_item_id(key):
+                view = index.by_id_now(self._lookup, key)
+                return [view] if view is not None and not view.deleted else []
+            return index.by_barcode_now(self._lookup, check_barcode(key))
+        except sqlite3.OperationalError:  # locked for a moment: the reader thread waits
+            if is_item_id(key):
+                found = await index.by_id(self._reader, key)
+                return [found] if found is not None and not found.deleted else []
+            return await index.by_barcode(self._reader, check_barcode(key))
 
     async def item(self, key: str) -> ItemView:
         """The one live item with this barcode or id."""

@@ -473,8 +473,15 @@ def test_a_retried_count_reports_the_change_it_recorded(station: Daemon) -> None
         client.close()
     assert first["change"] == again["change"] == -3
     assert again["item"]["stock"] == 5
+    # Without an op id (a script): each count is its own, and says what it changed.
+    client = ControlClient(station.socket_path, timeout=30)
+    try:
+        plain = client.request("POST", item_route("CNT-1", "count"), {"counted": 7})
+    finally:
+        client.close()
+    assert (plain["change"], plain["item"]["stock"]) == (2, 7)
     counts = [m for m in ok_json(station, "history", "CNT-1")["movements"] if m["op"] == "count"]
-    assert [m["qty"] for m in counts] == [-3]
+    assert [m["qty"] for m in counts] == [-3, 2]
 
 
 def test_sd_notify_ready_watchdog_and_stopping(station: Daemon, base: Path) -> None:

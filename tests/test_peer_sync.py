@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import json
 import os
 import re
 import signal
@@ -577,3 +578,36 @@ def test_status_says_in_sync_after_the_peer_made_every_change(fleet: Stations) -
     )
     human = a.cli("status").stdout
     assert "in sync" in human, human
+
+
+def test_resolving_a_barcode_conflict_cannot_take_another_items_barcode(
+    fleet: Stations,
+) -> None:
+    """Two stations re-label one item apart: a barcode conflict. Settling it on a barcode
+    another item already has is refused, as an add or an edit would be."""
+    a = fleet.station("office-a")
+    fleet.start(a)
+    b = fleet.station("dock-b", "--peer", f"127.0.0.1:{listen_port(a)}")
+    fleet.start(b)
+    add_item(a, "LBL-1", "Speaker stand", 2)
+    add_item(a, "LBL-9", "Mic stand", 2)
+    wait_until("both items on dock-b", SETTLE_TIMEOUT, lambda: find(b, "LBL-9"))
+    assert b.stop() == 0
+    assert a.cli("item", "edit", "LBL-1", "--barcode", "LBL-2").returncode == 0
+    alone = Daemon(b.data_dir, b.socket_path, name=b.name)  # no peers: apart from A
+    fleet.stations.append(alone)
+    alone.start()
+    assert alone.cli("item", "edit", "LBL-1", "--barcode", "LBL-3").returncode == 0
+    assert alone.stop() == 0
+    b.start()
+    wait_until(
+        "the barcode conflict on office-a",
+        SETTLE_TIMEOUT,
+        lambda: cli_json(a, "conflicts")["conflicts"],
+    )
+    (item,) = cli_json(a, "conflicts")["conflicts"]
+    taken = a.cli("--json", "conflicts", "resolve", item["id"], "barcode", "LBL-9")
+    assert taken.returncode == 1
+    assert json.loads(taken.stdout)["error"]["code"] == "exists"
+    settled = cli_json(a, "conflicts", "resolve", item["id"], "barcode", "LBL-2")
+    assert settled["item"]["barcode"] == "LBL-2" and settled["item"]["conflicts"] == []
