@@ -46,6 +46,21 @@ def item_map(doc: Doc[Any], item_id: str) -> Map[Any]:
     return item
 
 
+def add_items(doc: Doc[Any], items: Iterable[tuple[str, dict[str, Any]]], station: str) -> None:
+    """Write new items (their slots, plain values) and our change marker for each, in one
+    transaction. Inserts go straight to Yrs: pycrdt's ``Map.update`` opens a nested
+    transaction and type-checks every value, a fifth of an import's time at 100k items."""
+    markers = changes_map(doc)
+    with doc.transaction() as txn:
+        raw_txn = txn._txn
+        for item_id, entries in items:
+            integrated = item_map(doc, item_id).integrated
+            for key, value in entries.items():
+                integrated.insert(raw_txn, key, value)
+            hlc = max(slot[1] for slot in entries.values())
+            markers.integrated.insert(raw_txn, slot_key(item_id, station), hlc)
+
+
 def changes_map(doc: Doc[Any]) -> Map[Any]:
     markers: Map[Any] = doc.get(CHANGES_ROOT, type=Map)
     return markers

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 import unicodedata
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -314,6 +313,38 @@ def _parse_slots(
     return registers, counters
 
 
+def added_item_view(
+    item_id: str, station: str, hlc: int, written: Mapping[str, object], stock: int
+) -> ItemView:
+    """What ``item_view`` gives for an item ``station`` has just added: the register
+    slots ``written`` (all at ``hlc``) and, for a bulk item, one counter of ``stock``.
+    Built directly because an import of 100k items makes 100k of them; a test holds it
+    equal to ``item_view`` of the same slots."""
+    values = {**FIELD_DEFAULTS, **written}
+    kind: Kind = "serial" if values["kind"] == "serial" else "bulk"
+    status = str(values["status"])
+    counted = kind == "bulk" and stock != 0
+    return ItemView(
+        id=item_id,
+        barcode=str(values["barcode"]),
+        name=str(values["name"]),
+        kind=kind,
+        stock=stock if kind == "bulk" else (1 if status == "in" else 0),
+        status=status,
+        sheet=None,
+        location=str(values["location"]),
+        category=str(values["category"]),
+        notes=str(values["notes"]),
+        deleted=False,
+        conflicts=(),
+        double_booked=False,
+        hlc=hlc,
+        stock_by_station={station: stock} if counted else {},
+        stock_hlcs={station: hlc} if counted else {},
+        field_hlcs=dict.fromkeys(written, hlc),
+    )
+
+
 def item_view(item_id: str, raw: Mapping[str, Any]) -> ItemView:
     """Resolve an item map (plain values, as pycrdt's ``to_py`` gives) into a view."""
     registers, counters = _parse_slots(raw)
@@ -420,15 +451,23 @@ def movement_to_raw(movement: Movement) -> list[object]:
     ledger entry rides along with every checkout that crosses the Wi-Fi.
     """
     return [
-        uuid.UUID(movement.id).bytes,
+        _uuid_bytes(movement.id),
         movement.hlc,
         movement.operator,
-        uuid.UUID(movement.item).bytes,
+        _uuid_bytes(movement.item),
         movement.barcode,
         _OP_CODES.get(movement.op, movement.op),
         movement.qty,
         movement.sheet,
     ]
+
+
+def _uuid_bytes(text: str) -> bytes:
+    """The 16 bytes of a UUID's text form (what ``uuid.UUID(text).bytes`` gives, faster)."""
+    raw = bytes.fromhex(text.replace("-", ""))
+    if len(raw) != 16:
+        raise ValueError(f"not a UUID: {text!r}")
+    return raw
 
 
 def _uuid_of(value: object) -> str | None:

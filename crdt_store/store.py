@@ -66,6 +66,7 @@ from .model import (
     ItemView,
     Kind,
     Movement,
+    added_item_view,
     check_barcode,
     check_field,
     check_qty,
@@ -654,15 +655,17 @@ class Store:
             # A field at its default gets no slot: the view shows the default for a field
             # nobody wrote. Each slot is a Yjs entry on every station (memory, bytes on the
             # wire, import time), and most items leave notes, kind and more at default.
-            raw: dict[str, Any] = {
-                slot_key(k, station): [v, hlc]
+            written = {
+                k: v
                 for k, v in registers.items()
                 if k in ("barcode", "name") or v != FIELD_DEFAULTS[k]
             }
-            if new.kind == "bulk" and new.qty:
-                raw[slot_key(STOCK_FIELD, station)] = [new.qty, hlc]
+            raw: dict[str, Any] = {slot_key(k, station): [v, hlc] for k, v in written.items()}
+            stock = new.qty if new.kind == "bulk" else 0
+            if stock:
+                raw[slot_key(STOCK_FIELD, station)] = [stock, hlc]
             by_shard.setdefault(shard_of(item_id, self.shard_count), []).append((item_id, raw))
-            view = item_view(item_id, raw)
+            view = added_item_view(item_id, station, hlc, written, stock)
             views.append(view)
             movements.append(
                 self._movement(view, op="add", hlc=hlc, operator=operator, qty=view.stock)
@@ -670,11 +673,9 @@ class Store:
         for shard, group in by_shard.items():
             doc = self._docs[item_doc(shard)]
             with doc.transaction(origin=LOCAL):
-                for item_id, raw in group:
-                    documents.item_map(doc, item_id).update(raw)
-                    hlc = raw[slot_key("barcode", station)][1]
-                    documents.mark_changed(doc, item_id, station, hlc)
-                    self._known_items[item_id] = shard
+                documents.add_items(doc, group, station)
+            for item_id, _ in group:
+                self._known_items[item_id] = shard
         for view in views:
             self._batch.touched.add(view.id)
             self._batch.views[view.id] = view

@@ -22,6 +22,7 @@ from crdt_store import (
     UnknownDocument,
     WrongState,
 )
+from crdt_store.model import Kind
 from tests.conftest import OpenStore
 
 
@@ -95,6 +96,31 @@ async def test_add_refuses_bad_input_and_changes_nothing(
     assert caught.value.field == field
     assert await store.list_items() == []
     assert await store.history("SPK002") == []
+
+
+KINDS: tuple[Kind, ...] = ("bulk", "serial")
+
+
+async def test_the_view_an_add_returns_is_the_view_read_back(store: Store) -> None:
+    """Adds build their views directly (imports make 100k); every combination of kind,
+    quantity and fields left at their default must match the view resolved from the
+    document's slots."""
+    rows = [
+        NewItem(f"VIEW-{i}", f"Item {i}", kind, qty, location, category, notes)
+        for i, (kind, qty, location, category, notes) in enumerate(
+            (kind, qty, location, category, notes)
+            for kind in KINDS
+            for qty in ((0, 5) if kind == "bulk" else (0,))
+            for location in ("", "Aisle 3")
+            for category in ("", "Audio")
+            for notes in ("", "dented")
+        )
+    ]
+    views = await store.import_items(rows)
+    assert len(views) == len(rows) == 24
+    for view in views:
+        assert view == store._compute_view(view.id), view.barcode
+        assert view == await store.item(view.barcode)
 
 
 async def test_import_is_all_or_nothing(store: Store) -> None:
