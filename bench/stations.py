@@ -28,6 +28,7 @@ from typing import Any
 import aiohttp
 
 from cli.client import ControlClient
+from daemon.control import MAX_IMPORT_ROWS
 from tests import netns
 from tests.daemon_harness import INVSYNC, Daemon, short_dir
 from tests.fleet_ca import FleetCA
@@ -74,7 +75,7 @@ def _import(daemon: Daemon, count: int, prefix: str = "ITEM") -> float:
     client = ControlClient(daemon.socket_path, timeout=600)
     header = ["barcode", "name", "qty", "location", "category"]
     started = time.perf_counter()
-    chunk = 5000
+    chunk = MAX_IMPORT_ROWS  # the most one request may carry
     for start in range(0, count, chunk):
         rows = [
             {

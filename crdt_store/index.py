@@ -155,6 +155,14 @@ def by_barcode_now(db: sqlite3.Connection, barcode: str) -> list[ItemView]:
     return _views(rows)
 
 
+def ids_by_barcode_now(db: sqlite3.Connection, barcode: str) -> list[str]:
+    """Ids of the live items with this barcode, without decoding their views."""
+    rows = db.execute(
+        "SELECT id FROM items WHERE barcode = ? AND NOT deleted ORDER BY id", (barcode,)
+    ).fetchall()
+    return [str(row[0]) for row in rows]
+
+
 def by_id_now(db: sqlite3.Connection, item_id: str) -> ItemView | None:
     views = _views(db.execute("SELECT view FROM items WHERE id = ?", (item_id,)).fetchall())
     return views[0] if views else None

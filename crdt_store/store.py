@@ -914,6 +914,23 @@ class Store:
                 return [found] if found is not None and not found.deleted else []
             return await index.by_barcode(self._reader, check_barcode(key))
 
+    async def item_id(self, key: str) -> str:
+        """The id of the one live item with this barcode (or this id): what a checkout
+        needs before it resolves the item's live view itself, without decoding the
+        indexed view on the way."""
+        self._check_open()
+        if not is_item_id(key):
+            try:
+                ids = index.ids_by_barcode_now(self._lookup, check_barcode(key))
+            except sqlite3.OperationalError:
+                ids = [view.id for view in await self.find(key)]
+            if len(ids) > 1:
+                raise AmbiguousBarcode(key, ids)
+            if ids:
+                return ids[0]
+            raise ItemNotFound(key)
+        return (await self.item(key)).id
+
     async def item(self, key: str) -> ItemView:
         """The one live item with this barcode or id."""
         found = await self.find(key)

@@ -367,10 +367,11 @@ class ControlApi:
         self, request: web.Request, move: Callable[..., Awaitable[ItemView]]
     ) -> web.Response:
         """Checkout or return: the same request shape, the store decides the rest."""
-        view, data = await self._target(request)
+        data = await _body(request)
+        item_id = await self.store.item_id(request.match_info["key"])
         qty = _int(data, "qty", 1)
         view = await move(
-            view.id,
+            item_id,
             qty,
             sheet=_text(data, "sheet"),
             operator=_text(data, "operator", "") or "",
