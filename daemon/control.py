@@ -39,7 +39,7 @@ from crdt_store.model import Kind
 
 from .admin import CaProblem, FleetAdmin, JoinRefused
 from .catalog import RowProblem, parse_rows
-from .config import Config, ConfigError, parse_host_port
+from .config import Config, ConfigError, parse_duration, parse_host_port
 from .peers import PeerManager
 
 if TYPE_CHECKING:
@@ -468,7 +468,12 @@ class ControlApi:
 
     async def fleet_invite(self, request: web.Request) -> web.Response:
         data = await _body(request)
-        expires = _duration(data.get("expires", "15m"))
+        try:
+            expires = parse_duration("expires", data.get("expires", "15m"))
+        except ConfigError:
+            raise InvalidInput(
+                "expires", data.get("expires"), "a duration such as 15m, 2h or 1d"
+            ) from None
         addresses = []
         for text in data.get("addresses") or []:
             try:
@@ -608,22 +613,6 @@ def _passphrase(data: Mapping[str, Any]) -> str:
     if not isinstance(value, str):
         raise InvalidInput("passphrase", "(not shown)", "a string")
     return value
-
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def _duration(value: object) -> float:
-    """Seconds from ``900``, ``"90s"``, ``"15m"``, ``"2h"`` or ``"1d"``."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str) and value.strip():
-        text = value.strip().lower()
-        unit = _UNITS.get(text[-1])
-        number = text[:-1] if unit else text
-        with contextlib.suppress(ValueError):
-            return float(number) * (unit or 1)
-    raise InvalidInput("expires", value, "a duration such as 15m, 2h or 1d")
 
 
 class ControlServer:

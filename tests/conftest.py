@@ -15,6 +15,15 @@ pytest_plugins = ["tests.pg_cluster"]
 OpenStore = Callable[..., Awaitable[Store]]
 
 
+async def sync_pair(a: Store, b: Store) -> None:
+    """Full anti-entropy both ways through the store's sync seam (what peers do)."""
+    for _ in range(2):
+        for source, target in ((a, b), (b, a)):
+            for name in source.doc_names():
+                update = source.diff(name, target.state_vector(name))
+                await target.apply_remote(name, update, source.station_id)
+
+
 @pytest.fixture
 async def open_store(tmp_path: Path) -> AsyncIterator[OpenStore]:
     """Open stores by station id (``tmp_path/<station>.db``); all are closed at the end."""

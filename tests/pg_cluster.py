@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import itertools
+import json
 import os
 import pwd
 import shutil
@@ -269,6 +270,32 @@ class CloudDatabase:
     def authenticator_dsn(self) -> str:
         """The login PostgREST uses before ``set local role``."""
         return self.cluster.dsn(self.name, "authenticator")
+
+
+#: The JWT subject of the web user that ``web_request`` acts as.
+WEB_USER = "00000000-0000-4000-8000-000000000001"
+
+
+def web_claims(fleet: str) -> str:
+    """JWT claims of a web-app user of ``fleet`` (not a station: no invsync_station)."""
+    return json.dumps({"role": "authenticated", "sub": WEB_USER, "app_metadata": {"fleet": fleet}})
+
+
+async def web_request(
+    database: CloudDatabase, fleet: str, sql: str, *args: object
+) -> list[asyncpg.Record]:
+    """Run ``sql`` the way PostgREST runs a web app's request: one transaction as the
+    ``authenticated`` role with the user's JWT claims."""
+    conn = await asyncpg.connect(database.authenticator_dsn)
+    try:
+        async with conn.transaction():
+            await conn.execute("set local role authenticated")
+            await conn.execute(
+                "select set_config('request.jwt.claims', $1, true)", web_claims(fleet)
+            )
+            return list(await conn.fetch(sql, *args))
+    finally:
+        await conn.close()
 
 
 _db_numbers = itertools.count(1)

@@ -28,26 +28,16 @@ from cloud_bridge.transport import CloudConfigError, CloudDataError, CloudUnavai
 from crdt_store import REGISTER_FIELDS, InvalidInput, ItemView, NewItem, Store, StoreError
 from crdt_store.model import Kind
 from daemon.config import CloudConfig
-from tests.conftest import OpenStore
-from tests.pg_cluster import CloudDatabase, PgCluster
+from tests.conftest import OpenStore, sync_pair
+from tests.pg_cluster import CloudDatabase, PgCluster, web_claims, web_request
 from tests.rest_standin import RestStandIn
 
 pytestmark = pytest.mark.timeout(180)
 
 FLEET = "CLOUDTESTFLEET22"
-CLAIMS = {"role": "authenticated", "sub": "00000000-0000-4000-8000-000000000001"}
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-async def sync_pair(a: Store, b: Store) -> None:
-    """Full anti-entropy both ways through the store's sync seam (what peers do)."""
-    for _ in range(2):
-        for source, target in ((a, b), (b, a)):
-            for name in source.doc_names():
-                update = source.diff(name, target.state_vector(name))
-                await target.apply_remote(name, update, source.station_id)
 
 
 def bridge_for(
@@ -102,17 +92,7 @@ async def cloud_movements(db: CloudDatabase) -> list[str]:
 
 async def web_sql(db: CloudDatabase, sql: str, *args: object) -> list[asyncpg.Record]:
     """Run SQL as a web user of the fleet (role ``authenticated`` with its JWT claims)."""
-    claims = {**CLAIMS, "app_metadata": {"fleet": FLEET}}
-    conn = await asyncpg.connect(db.authenticator_dsn)
-    try:
-        async with conn.transaction():
-            await conn.execute("set local role authenticated")
-            await conn.execute(
-                "select set_config('request.jwt.claims', $1, true)", json.dumps(claims)
-            )
-            return list(await conn.fetch(sql, *args))
-    finally:
-        await conn.close()
+    return await web_request(db, FLEET, sql, *args)
 
 
 def as_row(view: ItemView) -> dict[str, Any]:
@@ -665,7 +645,7 @@ async def test_concurrent_web_edits_of_different_fields_both_survive(
     mic = await store.add_item(NewItem("MIC001", "Microphone", qty=2))
     bridge = bridge_for(store, cloud_db)
     await bridge.start(loop=False)
-    claims = json.dumps({**CLAIMS, "app_metadata": {"fleet": FLEET}})
+    claims = web_claims(FLEET)
     slow = await asyncpg.connect(cloud_db.authenticator_dsn)
     try:
         assert (await bridge.push_now()).ok

@@ -22,7 +22,7 @@ import asyncpg
 import pytest
 
 from tests.daemon_harness import INVSYNC, Daemon, short_dir
-from tests.pg_cluster import CloudDatabase, PgCluster
+from tests.pg_cluster import CloudDatabase, PgCluster, web_request
 from tests.stations import Stations, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -104,23 +104,9 @@ def cloud_movement_ids(db: CloudDatabase) -> list[str]:
     return [r["id"] for r in run(_fetch(db.admin_dsn, "select id from inventory_movements"))]
 
 
-async def _web_update(db: CloudDatabase, fleet: str, sql: str, *args: object) -> None:
-    claims = {"role": "authenticated", "app_metadata": {"fleet": fleet}}
-    conn = await asyncpg.connect(db.authenticator_dsn)
-    try:
-        async with conn.transaction():
-            await conn.execute("set local role authenticated")
-            await conn.execute(
-                "select set_config('request.jwt.claims', $1, true)", json.dumps(claims)
-            )
-            await conn.execute(sql, *args)
-    finally:
-        await conn.close()
-
-
 def web_edit(db: CloudDatabase, fleet: str, sql: str, *args: object) -> None:
     """An edit in the web app: SQL as the ``authenticated`` role of a user of ``fleet``."""
-    run(_web_update(db, fleet, sql, *args))
+    run(web_request(db, fleet, sql, *args))
 
 
 SHOWN = ("barcode", "name", "kind", "stock", "status", "sheet", "location", "category", "notes")

@@ -11,16 +11,7 @@ from __future__ import annotations
 from crdt_store import NewItem, Store
 from crdt_store.cloud import CLOUD_WRITER, CloudEdit
 from crdt_store.hlc import pack
-from tests.conftest import OpenStore
-
-
-async def sync_pair(a: Store, b: Store) -> None:
-    """Full anti-entropy both ways through the store's sync seam."""
-    for _ in range(2):
-        for source, target in ((a, b), (b, a)):
-            for name in source.doc_names():
-                update = source.diff(name, target.state_vector(name))
-                await target.apply_remote(name, update, source.station_id)
+from tests.conftest import OpenStore, sync_pair
 
 
 async def drain(store: Store) -> list[str]:

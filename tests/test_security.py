@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
-import shutil
 import socket
 import ssl
 import threading
@@ -550,20 +549,14 @@ def test_a_capture_of_a_sync_session_holds_no_item_names_or_barcodes(site: Stati
 
 @pytest.fixture(scope="module")
 def lone_station() -> Iterator[tuple[Daemon, FleetCA, Path]]:
-    base = short_dir("fz")
-    ca = FleetCA()
-    ca.enroll(base / "office", holds_ca=True)
-    daemon = Daemon(base / "office", base / "office.sock", name="office")
+    site = Stations(short_dir("fz"))
     try:
-        daemon.start()
+        daemon = site.station("office", admin=True)
+        site.start(daemon)
         add_item(daemon, "KEEP-1", "Kept", 1)
-        yield daemon, ca, base
+        yield daemon, site.ca, site.base
     finally:
-        try:
-            daemon.stop()
-        except Exception:
-            daemon.kill()
-        shutil.rmtree(base, ignore_errors=True)
+        site.dispose()
 
 
 json_values = st.recursive(
