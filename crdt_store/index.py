@@ -56,27 +56,42 @@ def _item_row(view: ItemView) -> tuple[Any, ...]:
 #: One SQL statement and the parameter rows to run it with (``executemany``).
 Statement = tuple[str, Sequence[Sequence[Any]]]
 
+#: An item whose barcode, name and deleted flag are unchanged (every checkout, return and
+#: count) is updated in place without touching the two indexes on those columns: SQLite
+#: rewrites an index entry whenever its column is assigned, even to the same value, and
+#: those entries were two thirds of the pages a checkout's commit wrote.
+_UPDATE_UNINDEXED = (
+    "UPDATE items SET kind = ?, stock = ?, status = ?, sheet = ?, location = ?, "
+    "category = ?, hlc = ?, view = ? WHERE id = ? AND barcode = ? AND name = ? AND deleted = ?"
+)
+#: Everything else: new items, and items whose indexed columns changed (the ``WHERE``
+#: leaves alone the rows the statement above just wrote).
 _UPSERT_ITEM = (
     "INSERT INTO items (id, barcode, name, kind, stock, status, sheet, location, category, "
     "deleted, hlc, view) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET "
     "barcode = excluded.barcode, name = excluded.name, kind = excluded.kind, "
     "stock = excluded.stock, status = excluded.status, sheet = excluded.sheet, "
     "location = excluded.location, category = excluded.category, "
-    "deleted = excluded.deleted, hlc = excluded.hlc, view = excluded.view"
+    "deleted = excluded.deleted, hlc = excluded.hlc, view = excluded.view "
+    "WHERE items.barcode IS NOT excluded.barcode OR items.name IS NOT excluded.name "
+    "OR items.deleted IS NOT excluded.deleted"
 )
 
 
 def view_statements(views: Sequence[ItemView]) -> list[Statement]:
     """Upsert items, their conflicts and alerts, and mark them for the cloud bridge.
 
-    Items are updated in place (``ON CONFLICT DO UPDATE``), not deleted and re-inserted
-    as ``INSERT OR REPLACE`` would: that halves the pages a checkout's commit writes.
+    Items are updated in place, not deleted and re-inserted as ``INSERT OR REPLACE``
+    would, and only the indexes whose columns changed are written (see
+    ``_UPDATE_UNINDEXED``).
     """
     if not views:
         return []
     ids = [(view.id,) for view in views]
+    rows = [_item_row(view) for view in views]
     return [
-        (_UPSERT_ITEM, [_item_row(view) for view in views]),
+        (_UPDATE_UNINDEXED, [(*row[3:9], *row[10:12], *row[0:3], row[9]) for row in rows]),
+        (_UPSERT_ITEM, rows),
         ("DELETE FROM conflicts WHERE item_id = ?", ids),
         ("DELETE FROM alerts WHERE item_id = ?", ids),
         (

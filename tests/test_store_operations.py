@@ -181,6 +181,26 @@ async def test_edit_barcode_moves_the_lookup(store: Store) -> None:
     assert [m.op for m in await store.history("SPK999")] == ["add", "edit"]
 
 
+async def test_listing_follows_renames_and_stock_changes(store: Store) -> None:
+    """The index rewrites name and barcode entries only when they change; listings and
+    lookups must still follow every kind of change."""
+    item = await store.add_item(SPEAKER)
+    await store.checkout(item.id, 2)
+    assert [(v.name, v.stock) for v in await store.list_items("speaker")] == [
+        ("QSC K10.2 Speaker", 6)
+    ]
+    await store.edit_item(item.id, {"name": "Powered monitor"})
+    assert await store.list_items("speaker") == []
+    assert [(v.name, v.stock) for v in await store.list_items("monitor")] == [
+        ("Powered monitor", 6)
+    ]
+    await store.return_units(item.id, 1)
+    assert (await store.item("SPK001")).stock == 7
+    await store.delete_item(item.id)
+    assert await store.list_items("monitor") == []
+    assert await store.find("SPK001") == []
+
+
 @pytest.mark.parametrize(
     "changes",
     [{}, {"kind": "serial"}, {"stock": 5}, {"name": ""}, {"barcode": "a b"}, {"colour": "red"}],
