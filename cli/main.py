@@ -605,6 +605,29 @@ def import_(ctx: Context, file: IO[str]) -> None:
         sys.exit(EXIT_FAILED)
 
 
+def export_row(entry: dict[str, Any]) -> list[Any]:
+    """One item as an export CSV row: the import columns, then the station's state.
+
+    ``qty`` is what an import creates: an oversold item (stock below zero after merged
+    checkouts) exports 0 there, since no catalog starts below zero; the ``stock`` column
+    keeps the real figure. A serialized unit is one unit wherever it is.
+    """
+    qty = max(entry["stock"], 0) if entry["kind"] == "bulk" else 1
+    return [
+        entry["barcode"],
+        entry["name"],
+        qty,
+        entry["kind"],
+        entry["location"],
+        entry["category"],
+        entry["notes"],
+        entry["id"],
+        entry["stock"],
+        entry["status"],
+        entry["sheet"] or "",
+    ]
+
+
 @main.command()
 @click.option(
     "--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True
@@ -638,22 +661,7 @@ def export(ctx: Context, fmt: str, out: Path | None) -> None:
         else:
             writer = csv.writer(handle)
             writer.writerow([*CSV_COLUMNS, "id", "stock", "status", "sheet"])
-            for entry in items:
-                writer.writerow(
-                    [
-                        entry["barcode"],
-                        entry["name"],
-                        entry["stock"] if entry["kind"] == "bulk" else 1,
-                        entry["kind"],
-                        entry["location"],
-                        entry["category"],
-                        entry["notes"],
-                        entry["id"],
-                        entry["stock"],
-                        entry["status"],
-                        entry["sheet"] or "",
-                    ]
-                )
+            writer.writerows(export_row(entry) for entry in items)
     finally:
         if out:
             handle.close()

@@ -14,7 +14,6 @@ Everything here is pure: no pycrdt, no SQL, no clocks.
 from __future__ import annotations
 
 import re
-import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -45,6 +44,11 @@ MAX_QTY = 1_000_000
 MAX_STOCK = 1_000_000_000
 
 _BARCODE_RE = re.compile(r"^[!-~]{1,64}$")
+#: Unicode's control characters (category Cc: U+0000-001F and U+007F-009F), as a class a
+#: regex scans in C; a per-character ``unicodedata`` loop was a tenth of an import.
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: The same without tab and line feed, which notes may contain.
+_CONTROL_IN_NOTES_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _TEXT_LIMITS = {"name": 200, "location": 100, "category": 100, "notes": 2000, "sheet": 64}
 FIELD_DEFAULTS: dict[str, object] = {
     "barcode": "",
@@ -70,10 +74,8 @@ def _check_text(name: str, value: object, *, required: bool, multiline: bool = F
     limit = _TEXT_LIMITS[name]
     if len(text) > limit:
         raise InvalidInput(name, value[:40] + "...", f"longer than {limit} characters")
-    allowed = "\n\t" if multiline else ""
-    for char in text:
-        if unicodedata.category(char) == "Cc" and char not in allowed:
-            raise InvalidInput(name, value, "contains control characters")
+    if (_CONTROL_IN_NOTES_RE if multiline else _CONTROL_RE).search(text):
+        raise InvalidInput(name, value, "contains control characters")
     return text
 
 

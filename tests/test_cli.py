@@ -26,7 +26,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 import cli.main as cli_main
-from cli.main import main
+from cli.main import CSV_COLUMNS, export_row, main
+from daemon.catalog import parse_rows
 from tests.daemon_harness import Daemon, running_daemon, short_dir
 
 DATA = Path(__file__).with_name("data")
@@ -856,6 +857,29 @@ def test_csv_export_imports_into_a_fresh_station_as_the_same_items(tmp_path: Pat
         result = target.ok("import", str(exported))
         assert result.stdout.startswith("Imported 4 items; 0 already present; 0 rows with errors")
         assert _catalog(target) == expected
+
+
+def test_an_oversold_item_exports_a_quantity_an_import_accepts() -> None:
+    """Stock below zero comes only from checkouts merged across stations; the export row
+    must still import (qty 0) and keep the real figure in its stock column."""
+    entry = {
+        "barcode": "OVR-1",
+        "name": "Oversold cable",
+        "kind": "bulk",
+        "stock": -2,
+        "location": "",
+        "category": "",
+        "notes": "",
+        "id": "0190a0b0-0000-7000-8000-000000000001",
+        "status": "in",
+        "sheet": None,
+    }
+    row = export_row(entry)
+    header = [*CSV_COLUMNS, "id", "stock", "status", "sheet"]
+    good, problems = parse_rows(header, [(2, [str(value) for value in row])])
+    assert problems == []
+    assert (good[0][1].barcode, good[0][1].qty) == ("OVR-1", 0)
+    assert row[CSV_COLUMNS.index("qty")] == 0 and row[-3] == -2
 
 
 # ---------------------------------------------------------------------- control API

@@ -7,6 +7,7 @@ SQLite file) with ``diff``/``apply_remote``, the seam the sync layer uses.
 from __future__ import annotations
 
 import asyncio
+import unicodedata
 
 import pytest
 
@@ -22,7 +23,7 @@ from crdt_store import (
     UnknownDocument,
     WrongState,
 )
-from crdt_store.model import Kind
+from crdt_store.model import Kind, check_field
 from tests.conftest import OpenStore
 
 
@@ -96,6 +97,43 @@ async def test_add_refuses_bad_input_and_changes_nothing(
     assert caught.value.field == field
     assert await store.list_items() == []
     assert await store.history("SPK002") == []
+
+
+async def test_text_survives_the_index_exactly(store: Store) -> None:
+    """Index rows travel to SQLite as JSON: quotes, backslashes, accents, emoji and line
+    breaks come back exactly, in lookups, listings and after a restart."""
+    name = 'Stagebox 16/4 "Pro" \\ Bühne 🎛️ – 10 m'
+    notes = "Line one\n\tIndented 'quoted' \\ back"
+    item = await store.add_item(
+        NewItem("BOX001", name, qty=3, location="Gang Ä", category="Stageboxen", notes=notes)
+    )
+    await store.checkout(item.id, 1)
+    await store.edit_item(item.id, {"location": 'Rack "B"'})
+    for view in (await store.item("BOX001"), (await store.list_items("bühne"))[0]):
+        assert (view.name, view.notes, view.location, view.stock) == (name, notes, 'Rack "B"', 2)
+    await store.close()
+    async with Store.open(
+        store.path, station_id=store.station_id, shard_count=store.shard_count
+    ) as reopened:
+        view = await reopened.item("BOX001")
+        assert (view.name, view.notes, view.stock) == (name, notes, 2)
+        assert [m.op for m in await reopened.history("BOX001")] == ["add", "checkout", "edit"]
+
+
+def test_text_fields_refuse_exactly_the_control_characters() -> None:
+    """Names and the like refuse Unicode's control characters and nothing else; notes
+    may also hold tabs and line breaks."""
+    for code in range(0x3000):
+        char = chr(code)
+        control = unicodedata.category(char) == "Cc"
+        for field, allowed in (("name", ""), ("notes", "\t\n")):
+            refused = control and char not in allowed
+            try:
+                check_field(field, f"a{char}b")
+            except InvalidInput:
+                assert refused, (field, hex(code))
+            else:
+                assert not refused, (field, hex(code))
 
 
 KINDS: tuple[Kind, ...] = ("bulk", "serial")
