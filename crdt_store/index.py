@@ -265,7 +265,10 @@ async def attention_counts(db: aiosqlite.Connection) -> tuple[int, int]:
     building a single view (``invsync status`` asks for these on every call)."""
     sql = (
         "SELECT (SELECT count(*) FROM items WHERE id IN (SELECT item_id FROM conflicts)), "
-        "(SELECT count(*) FROM alerts a JOIN items i ON i.id = a.item_id WHERE NOT i.deleted)"
+        # CROSS JOIN keeps alerts (a handful of rows) as the outer loop: left to itself,
+        # SQLite walked all items and probed alerts for each, 0.3 s at 100k items.
+        "(SELECT count(*) FROM alerts a CROSS JOIN items i ON i.id = a.item_id "
+        "WHERE NOT i.deleted)"
         " + (SELECT count(*) FROM (SELECT 1 FROM items WHERE NOT deleted "
         "GROUP BY barcode HAVING count(*) > 1))"
     )
@@ -278,7 +281,7 @@ async def attention_counts(db: aiosqlite.Connection) -> tuple[int, int]:
 async def alerts(db: aiosqlite.Connection) -> list[Alert]:
     found: list[Alert] = []
     async with db.execute(
-        "SELECT a.kind, i.view FROM alerts a JOIN items i ON i.id = a.item_id "
+        "SELECT a.kind, i.view FROM alerts a CROSS JOIN items i ON i.id = a.item_id "
         "WHERE NOT i.deleted ORDER BY a.kind, i.barcode, i.id"
     ) as cursor:
         for kind, view in await cursor.fetchall():
