@@ -120,6 +120,20 @@ class SchemaTooNew(StoreError):
         )
 
 
+class SQLiteTooOld(StoreError):
+    """The SQLite library Python uses lacks a feature the store's index writes need."""
+
+    code = "sqlite_too_old"
+
+    def __init__(self, found: str, needed: str) -> None:
+        self.found = found
+        self.needed = needed
+        super().__init__(
+            f"this Python uses SQLite {found}, but invsync needs SQLite {needed} or newer "
+            "(for UPDATE ... FROM); use a Python built against a newer SQLite"
+        )
+
+
 class NotAStore(StoreError):
     """The file is a SQLite database of something else; we will not write into it."""
 

@@ -8,6 +8,7 @@ rebuilt from the documents (``INDEX_VERSION`` in ``schema``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 from collections.abc import Collection, Iterable, Sequence
@@ -45,7 +46,8 @@ _ITEM_COLUMNS = (
 #: Most rows in one statement: a bound under SQLite's limit on parameters (32,766 since
 #: 3.32; 999 before) that keeps each hand-over of parameters short (~5 ms).
 _MAX_ROWS = 500
-_MAX_PARAMETERS = sqlite3.connect(":memory:").getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+with contextlib.closing(sqlite3.connect(":memory:")) as _probe:
+    _MAX_PARAMETERS = _probe.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
 
 
 def bulk(sql: str, rows: Sequence[Sequence[Any]]) -> list[Statement]:
@@ -165,8 +167,10 @@ def movement_statements(movements: Iterable[Movement]) -> list[Statement]:
     )
 
 
-async def write_views(db: aiosqlite.Connection, views: Sequence[ItemView]) -> None:
-    for sql, params in view_statements(views):
+async def write_views(
+    db: aiosqlite.Connection, views: Sequence[ItemView], added: Collection[str] = ()
+) -> None:
+    for sql, params in view_statements(views, added):
         if params:
             await db.executemany(sql, params)
 

@@ -28,25 +28,28 @@ _DOC_RE = re.compile(r"^(items|sheets)/(\d{2,3})$|^ledger/(\d{4}-\d{2}-\d{2})$|^
 class _RandomPool:
     """Random bytes from the OS, fetched 4 KiB at a time: one ``os.urandom`` call per id
     was a sixteenth of an import of 100k items. Used from the event loop's thread only
-    (the store's), so it needs no lock."""
+    (the store's), so it needs no lock; a forked child starts with an empty pool so it
+    never hands out its parent's bytes."""
 
     _SIZE = 4096
 
     def __init__(self) -> None:
         self._pool = b""
         self._used = 0
-        self._pid = os.getpid()
 
     def take(self, count: int) -> bytes:
-        if self._used + count > len(self._pool) or self._pid != os.getpid():
-            # A forked child must not hand out the same bytes as its parent.
-            self._pool, self._used, self._pid = os.urandom(self._SIZE), 0, os.getpid()
+        if self._used + count > len(self._pool):
+            self._pool, self._used = os.urandom(self._SIZE), 0
         start = self._used
         self._used += count
         return self._pool[start : self._used]
 
+    def forget(self) -> None:
+        self._pool, self._used = b"", 0
+
 
 _RANDOM = _RandomPool()
+os.register_at_fork(after_in_child=_RANDOM.forget)
 
 
 def new_uuid7(now_ms: int, rand: bytes | None = None) -> str:

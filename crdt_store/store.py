@@ -51,6 +51,7 @@ from .errors import (
     InvalidInput,
     ItemNotFound,
     NoConflict,
+    SQLiteTooOld,
     StoreClosed,
     StoreMismatch,
     WrongState,
@@ -103,7 +104,7 @@ _SKEW_LOG_INTERVAL_MS = 600_000
 _RECENT_OPS = 10_000
 #: Most item views resolved in one commit for changes that came from peers.
 INDEX_SLICE = 2000
-#: Views resolved between two looks at the event loop while a commit runs (~10 ms).
+#: Views resolved between two looks at the event loop while a commit runs (3-10 ms).
 _PREFETCH_STEP = 100
 #: Namespace of the movement ids of web edits (uuid5 of item, change and HLC).
 _WEB_EDITS = uuid.UUID("6f1c9a52-3d4e-5b8a-9c1f-2e7d0b4a8c63")
@@ -257,6 +258,7 @@ class Store:
     ) -> Store:
         """Open the store; the caller must ``await store.close()``."""
         check_station_id(station_id)
+        check_sqlite()
         if not 1 <= shard_count <= MAX_SHARDS:
             raise InvalidInput("shard count", shard_count, f"must be 1-{MAX_SHARDS}")
         db_path = Path(path)
@@ -425,7 +427,8 @@ class Store:
         try:
             await index.clear(self._db)
             await self._db.execute("DELETE FROM index_pending")
-            await index.write_views(self._db, views)
+            # The index was just emptied: every row is new (no update or upsert probes).
+            await index.write_views(self._db, views, added={view.id for view in views})
             await index.write_movements(self._db, movements)
             await self._db.executemany(
                 "INSERT INTO ledger_progress (doc, station, count) VALUES (?, ?, ?)",
@@ -1553,9 +1556,14 @@ class Store:
                 [("hlc", str(self._clock.last))],
             ),
         ]
-        commit = asyncio.ensure_future(_transaction(self._db, statements))
+        commit = asyncio.create_task(_transaction(self._db, statements), name="store: commit")
         try:
             await self._prefetch_views(commit)
+        except Exception:
+            # Optional work: the commit must not be reported failed because of it. The
+            # next slice resolves these views itself (and raises then, before writing).
+            _LOGGER.exception("resolving views ahead of the index failed")
+            self._prefetched.clear()
         finally:
             await commit
         for name, state, *_ in snapshots:
@@ -1568,9 +1576,10 @@ class Store:
 
         The database thread runs a commit without holding the GIL (``index.bulk``), so
         items changed by peers are resolved meanwhile instead of after it: a new station
-        catching up on 100k items spent half its time on each. Work stops when the commit
-        is done, so it never delays the operations waiting for that commit. A view
-        resolved here is dropped when its item changes again (``_on_item_markers``).
+        catching up on 100k items spent half its time on each. Work stops at the first
+        step after the commit is done, so the operations waiting for that commit wait at
+        most one step longer (a few ms). A view resolved here is dropped when its item
+        changes again (``_on_item_markers``).
         """
         prefetched = self._prefetched
         wanted = [
@@ -1646,6 +1655,17 @@ async def _transaction(db: aiosqlite.Connection, statements: Sequence[index.Stat
     aiosqlite 0.17; the version is bounded in pyproject.toml).
     """
     await db._execute(_run_transaction, db._conn, statements)  # type: ignore[no-untyped-call]
+
+
+#: The oldest SQLite the index writes run on (``UPDATE ... FROM``, 3.33.0, 2020).
+MIN_SQLITE = (3, 33, 0)
+
+
+def check_sqlite(version: tuple[int, int, int] = sqlite3.sqlite_version_info) -> None:
+    """Refuse to open a store on a SQLite too old for it, before anything is written:
+    otherwise the first checkout's commit would fail and stop the store."""
+    if version < MIN_SQLITE:
+        raise SQLiteTooOld(".".join(map(str, version)), ".".join(map(str, MIN_SQLITE)))
 
 
 def _check_operator(operator: str) -> str:

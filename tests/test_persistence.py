@@ -19,6 +19,7 @@ import os
 import shutil
 import sqlite3
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,12 +37,13 @@ from crdt_store import (
     NewItem,
     NotAStore,
     SchemaTooNew,
+    SQLiteTooOld,
     Store,
     StoreMismatch,
     UnknownDocument,
 )
 from crdt_store.schema import SCHEMA_VERSION, migrate
-from crdt_store.store import INDEX_SLICE
+from crdt_store.store import INDEX_SLICE, check_sqlite
 
 SHARDS = 8
 BARCODES = ("SPK001", "CBL010", "MIX001", "DUP001", "LGT001", "CASE01")
@@ -575,3 +577,143 @@ async def test_a_large_catch_up_is_indexed_in_slices_and_survives_a_restart(
         assert await _indexed_items(station, count) == count
         assert (await station.item("XLR1199")).name == "XLR cable 1199"
     assert table_rows(path, "SELECT count(*) FROM index_pending") == [(0,)]
+
+
+async def test_peer_changes_merged_while_views_are_resolved_ahead_reach_the_index(
+    tmp_path: Path,
+) -> None:
+    """While one catch-up slice is written, the station resolves the next slice's views
+    ahead of time. A peer's change merged right after such a view was resolved must
+    still reach the index (lookups show it), not the view resolved before it."""
+    count = 2 * INDEX_SLICE + 200
+    async with Store.open(tmp_path / "A.db", station_id="A", shard_count=1) as source:
+        views = await source.import_items(
+            [NewItem(f"XLR{i:04d}", f"XLR cable {i}", qty=10) for i in range(count)]
+        )
+        before = source.state_vector("items/00")
+        catalog = source.diff("items/00")
+        # Items late in the backlog: resolved ahead, not in the first slice.
+        renamed = list(views[INDEX_SLICE + 100 :: 300])
+        for view in renamed:
+            await source.edit_item(view.id, {"name": f"Renamed {view.barcode}"})
+            await source.checkout(view.id, 3)
+        renames = source.diff("items/00", before)
+
+    path = tmp_path / "B.db"
+    async with Store.open(path, station_id="B", shard_count=1) as station:
+        resolve, resolve_ahead = station._compute_views, station._prefetch_views
+        pending = {view.id for view in renamed}
+        merged: list[str] = []
+        ahead = [False]
+
+        async def resolving_ahead(commit: asyncio.Future[None]) -> None:
+            ahead[0] = True
+            try:
+                await resolve_ahead(commit)
+            finally:
+                ahead[0] = False
+
+        def resolve_then_merge(item_ids: Iterable[str]) -> dict[str, ItemView]:
+            resolved = resolve(item_ids)
+            if ahead[0] and pending & resolved.keys() and not merged:
+                # The views of renamed items were just resolved ahead, still unrenamed:
+                # the peer's renames arrive at the next turn of the loop, while those
+                # views wait for their slice.
+                merged.extend(pending & resolved.keys())
+                asyncio.get_running_loop().call_soon(station.merge_remote, "items/00", renames, "A")
+            return resolved
+
+        station._prefetch_views = resolving_ahead  # type: ignore[method-assign]
+        station._compute_views = resolve_then_merge  # type: ignore[method-assign]
+        await station.apply_remote("items/00", catalog, origin="A")
+        assert await _indexed_items(station, count) == count
+        for _ in range(200):  # the renames' own slice may follow the last count
+            if not station._index_backlog:
+                break
+            await asyncio.sleep(0.05)
+        await station.import_items([])  # one more commit: everything before it is in
+        assert merged, "the renames never arrived while views were being resolved"
+        for view in renamed:
+            shown = await station.item(view.barcode)
+            assert (shown.name, shown.stock) == (f"Renamed {view.barcode}", 7)
+
+
+async def test_items_added_and_changed_in_one_commit_are_indexed_once(
+    tmp_path: Path,
+) -> None:
+    """Items created in a commit are inserted into the index without the update path; a
+    checkout, rename, re-barcode or delete of them in that same commit must win, also
+    past the 500 rows one index statement carries."""
+    async with Store.open(tmp_path / "A.db", station_id="A", shard_count=SHARDS) as store:
+        rows = [NewItem(f"BIN{i:04d}", f"Bin {i}", qty=5) for i in range(1200)]
+        added = store._add_items(rows, "")  # stays in the open batch, like an import
+        first, second, third, fourth = (view.id for view in added[:4])
+        await asyncio.gather(
+            store._commit(),
+            store.checkout(first, 2),
+            store.edit_item(second, {"barcode": "BIN-NEW"}),
+            store.delete_item(third),
+            store.edit_item(fourth, {"name": "Renamed bin"}),
+        )
+        assert (await store.item("BIN0000")).stock == 3
+        assert await store.find("BIN0001") == []
+        assert (await store.item("BIN-NEW")).id == second
+        assert await store.find("BIN0002") == []
+        assert (await store.item("BIN0003")).name == "Renamed bin"
+        assert await store.count_items() == 1199
+        # 600 stock changes in one commit: the narrow update runs in two statements.
+        await asyncio.gather(*(store.checkout(view.id, 1) for view in added[4:604]))
+        stocks = {(await store.item(view.barcode)).stock for view in added[4:604]}
+        assert stocks == {4}
+        assert (await store.item("BIN0604")).stock == 5
+    rows_in_index = table_rows(tmp_path / "A.db", "SELECT count(*) FROM items")
+    assert rows_in_index == [(1200,)]
+
+
+def test_a_sqlite_too_old_for_the_index_is_refused() -> None:
+    """UPDATE ... FROM needs SQLite 3.33: an older library is refused with a message
+    naming both versions, before a store is opened, rather than failing at the first
+    checkout's commit."""
+    with pytest.raises(SQLiteTooOld, match=r"SQLite 3\.31\.1.*3\.33\.0 or newer"):
+        check_sqlite((3, 31, 1))
+    check_sqlite((3, 33, 0))
+    check_sqlite(sqlite3.sqlite_version_info)
+
+
+async def test_a_failure_resolving_views_ahead_does_not_fail_the_commit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Resolving the next slice's views during a commit is optional work: if it fails,
+    the commit is still reported stored (an operation retried after a false failure
+    would be applied twice) and the slice resolves its views itself."""
+    count = 2 * INDEX_SLICE + 200
+    async with Store.open(tmp_path / "A.db", station_id="A", shard_count=1) as source:
+        await source.import_items([NewItem(f"XLR{i:04d}", f"XLR cable {i}") for i in range(count)])
+        catalog = source.diff("items/00")
+    async with Store.open(tmp_path / "B.db", station_id="B", shard_count=1) as station:
+        resolve, resolve_ahead = station._compute_views, station._prefetch_views
+        ahead = [False]
+        failures: list[int] = []
+
+        async def resolving_ahead(commit: asyncio.Future[None]) -> None:
+            ahead[0] = True
+            try:
+                await resolve_ahead(commit)
+            finally:
+                ahead[0] = False
+
+        def failing_ahead(item_ids: Iterable[str]) -> dict[str, ItemView]:
+            if ahead[0]:
+                failures.append(1)
+                raise RuntimeError("resolving ahead broke")
+            return resolve(item_ids)
+
+        station._prefetch_views = resolving_ahead  # type: ignore[method-assign]
+        station._compute_views = failing_ahead  # type: ignore[method-assign]
+        assert await station.apply_remote("items/00", catalog, origin="A")
+        added = await station.add_item(NewItem("NEW001", "Added during the catch-up"))
+        assert await _indexed_items(station, count + 1) == count + 1
+        assert failures, "resolving ahead never ran"
+        assert (await station.item("NEW001")).id == added.id
+        assert (await station.item(f"XLR{count - 1:04d}")).name == f"XLR cable {count - 1}"
+    assert "resolving views ahead of the index failed" in caplog.text

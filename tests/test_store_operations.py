@@ -100,8 +100,9 @@ async def test_add_refuses_bad_input_and_changes_nothing(
 
 
 async def test_text_survives_the_index_exactly(store: Store) -> None:
-    """Index rows travel to SQLite as JSON: quotes, backslashes, accents, emoji and line
-    breaks come back exactly, in lookups, listings and after a restart."""
+    """The index keeps each view as JSON next to its columns: quotes, backslashes,
+    accents, emoji and line breaks come back exactly, in lookups, listings and after a
+    restart."""
     name = 'Stagebox 16/4 "Pro" \\ Bühne 🎛️ – 10 m'
     notes = "Line one\n\tIndented 'quoted' \\ back"
     item = await store.add_item(
