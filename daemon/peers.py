@@ -21,7 +21,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -281,14 +281,16 @@ class Session:
             await asyncio.sleep(self.manager.anti_entropy_interval * random.uniform(0.8, 1.2))
             self.send(Digest(digest(self.manager.vectors())))
 
-    def lacking(self) -> int:
+    def lacking(self, ours: Mapping[str, Mapping[int, int]] | None = None) -> int:
+        """How many of our changes this peer has not seen, by its last state vectors.
+
+        ``ours`` is our decoded state vectors (``PeerManager.our_clocks``): status for
+        several peers, polled by ``invsync sync``, decodes them once, not per peer.
+        """
         record = self.manager.records.get(self.peer_id)
         theirs = record.vectors if record else {}
-        total = 0
-        for name in self._store.doc_names():
-            ours = decode_state_vector(self._store.state_vector(name))
-            total += missing_from(ours, theirs.get(name, {}))
-        return total
+        clocks = ours if ours is not None else self.manager.our_clocks()
+        return sum(missing_from(clock, theirs.get(name, {})) for name, clock in clocks.items())
 
 
 class PeerManager:
@@ -672,10 +674,16 @@ class PeerManager:
 
     # ------------------------------------------------------------ status and sync
 
+    def our_clocks(self) -> dict[str, dict[int, int]]:
+        """Our state vector of every document, decoded."""
+        store = self.store
+        return {name: decode_state_vector(store.state_vector(name)) for name in store.doc_names()}
+
     def status(self) -> list[dict[str, Any]]:
         peers = []
+        ours = self.our_clocks()
         for record in sorted(self.records.values(), key=lambda r: r.station_id):
-            lacking = record.session.lacking() if record.session else None
+            lacking = record.session.lacking(ours) if record.session else None
             sent, received = record.traffic()
             peers.append(
                 {
@@ -700,7 +708,8 @@ class PeerManager:
         deadline = time.monotonic() + wait_seconds
         while time.monotonic() < deadline:
             live = [s for s in sessions if self._connected(s.peer_id)]
-            if all(s.lacking() == 0 for s in live):
+            ours = self.our_clocks()
+            if all(s.lacking(ours) == 0 for s in live):
                 break
             await asyncio.sleep(0.05)
         return self.status()
