@@ -579,6 +579,23 @@ async def test_a_large_catch_up_is_indexed_in_slices_and_survives_a_restart(
     assert table_rows(path, "SELECT count(*) FROM index_pending") == [(0,)]
 
 
+def _watch_resolving_ahead(station: Store) -> list[bool]:
+    """Make ``station`` record whether it is resolving views ahead of a slice (during a
+    commit) right now: the returned flag's one element is True only then."""
+    ahead = [False]
+    resolve_ahead = station._prefetch_views
+
+    async def resolving_ahead(commit: asyncio.Future[None]) -> None:
+        ahead[0] = True
+        try:
+            await resolve_ahead(commit)
+        finally:
+            ahead[0] = False
+
+    station._prefetch_views = resolving_ahead  # type: ignore[method-assign]
+    return ahead
+
+
 async def test_peer_changes_merged_while_views_are_resolved_ahead_reach_the_index(
     tmp_path: Path,
 ) -> None:
@@ -601,17 +618,10 @@ async def test_peer_changes_merged_while_views_are_resolved_ahead_reach_the_inde
 
     path = tmp_path / "B.db"
     async with Store.open(path, station_id="B", shard_count=1) as station:
-        resolve, resolve_ahead = station._compute_views, station._prefetch_views
+        resolve = station._compute_views
+        ahead = _watch_resolving_ahead(station)
         pending = {view.id for view in renamed}
         merged: list[str] = []
-        ahead = [False]
-
-        async def resolving_ahead(commit: asyncio.Future[None]) -> None:
-            ahead[0] = True
-            try:
-                await resolve_ahead(commit)
-            finally:
-                ahead[0] = False
 
         def resolve_then_merge(item_ids: Iterable[str]) -> dict[str, ItemView]:
             resolved = resolve(item_ids)
@@ -623,7 +633,6 @@ async def test_peer_changes_merged_while_views_are_resolved_ahead_reach_the_inde
                 asyncio.get_running_loop().call_soon(station.merge_remote, "items/00", renames, "A")
             return resolved
 
-        station._prefetch_views = resolving_ahead  # type: ignore[method-assign]
         station._compute_views = resolve_then_merge  # type: ignore[method-assign]
         await station.apply_remote("items/00", catalog, origin="A")
         assert await _indexed_items(station, count) == count
@@ -691,16 +700,9 @@ async def test_a_failure_resolving_views_ahead_does_not_fail_the_commit(
         await source.import_items([NewItem(f"XLR{i:04d}", f"XLR cable {i}") for i in range(count)])
         catalog = source.diff("items/00")
     async with Store.open(tmp_path / "B.db", station_id="B", shard_count=1) as station:
-        resolve, resolve_ahead = station._compute_views, station._prefetch_views
-        ahead = [False]
+        resolve = station._compute_views
+        ahead = _watch_resolving_ahead(station)
         failures: list[int] = []
-
-        async def resolving_ahead(commit: asyncio.Future[None]) -> None:
-            ahead[0] = True
-            try:
-                await resolve_ahead(commit)
-            finally:
-                ahead[0] = False
 
         def failing_ahead(item_ids: Iterable[str]) -> dict[str, ItemView]:
             if ahead[0]:
@@ -708,7 +710,6 @@ async def test_a_failure_resolving_views_ahead_does_not_fail_the_commit(
                 raise RuntimeError("resolving ahead broke")
             return resolve(item_ids)
 
-        station._prefetch_views = resolving_ahead  # type: ignore[method-assign]
         station._compute_views = failing_ahead  # type: ignore[method-assign]
         assert await station.apply_remote("items/00", catalog, origin="A")
         added = await station.add_item(NewItem("NEW001", "Added during the catch-up"))
