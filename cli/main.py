@@ -960,8 +960,8 @@ def cloud_migrate(ctx: Context, dsn: str | None) -> None:
     import asyncio  # noqa: PLC0415
 
     from cloud_bridge.migrate import MigrationFailed, migrate  # noqa: PLC0415
-    from cloud_bridge.postgres import redact  # noqa: PLC0415
     from cloud_bridge.transport import CloudError  # noqa: PLC0415
+    from daemon.config import redact_url  # noqa: PLC0415
 
     try:
         applied = asyncio.run(migrate(dsn))
@@ -969,12 +969,12 @@ def cloud_migrate(ctx: Context, dsn: str | None) -> None:
         _cloud_fail(ctx, "migration_failed", str(exc))
     except CloudError as exc:
         _cloud_fail(ctx, "unavailable", str(exc))
-    data = {"database": redact(dsn), "applied": applied}
+    data = {"database": redact_url(dsn), "applied": applied}
     ctx.emit(
         data,
-        f"Applied {', '.join(applied)} to {redact(dsn)}."
+        f"Applied {', '.join(applied)} to {redact_url(dsn)}."
         if applied
-        else f"{redact(dsn)} is up to date; nothing to apply.",
+        else f"{redact_url(dsn)} is up to date; nothing to apply.",
     )
 
 

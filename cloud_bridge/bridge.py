@@ -53,6 +53,7 @@ from .transport import (
     CloudTransport,
     CloudUnavailable,
     open_transport,
+    transport_kind,
 )
 
 _LOGGER = logging.getLogger(__name__)
@@ -100,12 +101,6 @@ def target_of(url: str, fleet: str) -> str:
     return f"{parts.scheme}://{host}{parts.path}#{fleet}"
 
 
-def transport_name(url: str | None) -> str | None:
-    if not url:
-        return None
-    return "rest" if url.startswith(("https://", "http://")) else "postgres"
-
-
 def encode_item(view: ItemView) -> dict[str, Any]:
     """An item as ``merge_inventory`` takes it: each field with the HLC of its winning
     slot (and, when slots disagree, the winning station, which breaks HLC ties the way the
@@ -133,10 +128,6 @@ def encode_item(view: ItemView) -> dict[str, Any]:
         version = sum(view.stock_hlcs.values())
     kind_hlc = view.field_hlcs.get("kind", 0)
     return {"id": view.id, "fields": fields, "stock": [view.stock, version, kind_hlc]}
-
-
-def encode_movement(movement: Movement) -> dict[str, Any]:
-    return movement.to_json()
 
 
 def decode_changes(changes: object, *, database: str | None = None) -> list[CloudEdit]:
@@ -546,7 +537,7 @@ class CloudBridge:
             "fleet": self.fleet,
             "origin": self.origin,
             "items": [encode_item(d.view) for d in dirty],
-            "movements": [encode_movement(m) for m in movements],
+            "movements": [m.to_json() for m in movements],
         }
         try:
             answer = await transport.merge(batch)
@@ -745,7 +736,7 @@ class CloudBridge:
         """Everything ``invsync cloud status`` shows (documented in docs/cloud.md)."""
         health = self._health
         backlog = await self.store.cloud_backlog()
-        parked = await self.store.cloud_parked()
+        parked = await self.store.cloud_parked(limit=parked_rows) if parked_rows else []
         if self._activity is not None:
             state = "pushing" if self._activity.kind == "push" else "pulling"
         elif health.next_retry is not None:
@@ -754,14 +745,14 @@ class CloudBridge:
             state = "idle"
         return {
             "configured": True,
-            "transport": transport_name(self.config.url),
+            "transport": transport_kind(self.config.url) if self.config.url else None,
             "url": self.url,
             "fleet": self.fleet,
             "writer": CLOUD_WRITER,
             "state": state,
             "backlog": {"items": backlog.items, "movements": backlog.movements},
             "parked_count": backlog.parked,
-            "parked": [row.to_json() for row in parked[:parked_rows]],
+            "parked": [row.to_json() for row in parked],
             "last_push": health.last_push.to_json() if health.last_push else None,
             "last_pull": health.last_pull.to_json() if health.last_pull else None,
             "last_error": (

@@ -17,7 +17,8 @@ from importlib import resources
 
 import asyncpg
 
-from .postgres import redact
+from daemon.config import redact_url
+
 from .transport import CloudError, CloudUnavailable
 
 _LOGGER = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ async def migrate(dsn: str) -> list[str]:
     try:
         conn = await asyncpg.connect(dsn, timeout=30, statement_cache_size=0)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as err:
-        raise CloudUnavailable(f"cannot connect to {redact(dsn)}: {err}") from err
+        raise CloudUnavailable(f"cannot connect to {redact_url(dsn)}: {err}") from err
     applied: list[str] = []
     try:
         # Another migrator creating the ledger at the same moment: it is there now.
@@ -118,7 +119,7 @@ async def migrate(dsn: str) -> list[str]:
             _LOGGER.info("applied migration %s", migration.name)
             applied.append(migration.name)
     except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as err:
-        raise CloudUnavailable(f"{redact(dsn)}: {err}") from err
+        raise CloudUnavailable(f"{redact_url(dsn)}: {err}") from err
     finally:
         try:
             await conn.close(timeout=5)

@@ -1,8 +1,9 @@
 """The direct Postgres transport: the bridge functions called over one asyncpg connection.
 
-Works against a Supabase project's direct connection, its Supavisor pooler (transaction
-mode allows no named prepared statements, hence ``statement_cache_size=0`` and no ``SET``)
-and an on-premise PostgreSQL, connecting as a member of the ``invsync_bridge`` role.
+Made for a Supabase project's direct connection, its Supavisor pooler (transaction mode
+allows no named prepared statements, hence ``statement_cache_size=0`` and no ``SET``; the
+tests connect directly, not through a pooler) and an on-premise PostgreSQL, connecting as a
+member of the ``invsync_bridge`` role.
 The connection is opened on first use and dropped on any connection-level failure; the
 next call opens a new one, so an outage costs nothing but the failed calls.
 """
@@ -33,11 +34,6 @@ def is_data_error(sqlstate: str | None) -> bool:
     return sqlstate is not None and sqlstate[:2] in DATA_ERROR_CLASSES
 
 
-def redact(dsn: str) -> str:
-    """The DSN without its password, for messages and logs."""
-    return redact_url(dsn)
-
-
 class PostgresTransport:
     """:class:`~cloud_bridge.transport.CloudTransport` over asyncpg."""
 
@@ -47,6 +43,8 @@ class PostgresTransport:
         self, dsn: str, *, connect_timeout: float = 10.0, command_timeout: float = 120.0
     ) -> None:
         self._dsn = dsn
+        #: The DSN without its password, for messages and logs.
+        self._shown = redact_url(dsn)
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
         self._conn: asyncpg.Connection | None = None
@@ -55,7 +53,7 @@ class PostgresTransport:
         self._closed = False
 
     def __repr__(self) -> str:
-        return f"PostgresTransport({redact(self._dsn)!r})"
+        return f"PostgresTransport({self._shown!r})"
 
     async def merge(self, batch: dict[str, Any]) -> dict[str, Any]:
         return await self._call("select public.merge_inventory($1::jsonb)::text", json.dumps(batch))
@@ -91,18 +89,18 @@ class PostgresTransport:
                 # statement_timeout, a smaller batch may fit.
                 await self._drop()
                 raise CloudUnavailable(
-                    f"{redact(self._dsn)}: no answer within {self._command_timeout:g}s",
+                    f"{self._shown}: no answer within {self._command_timeout:g}s",
                     code=STATEMENT_TIMEOUT,
                 ) from err
             except (OSError, asyncpg.InterfaceError) as err:
                 # The connection's state is unknown after a timeout or a broken socket.
                 await self._drop()
-                raise CloudUnavailable(f"{redact(self._dsn)}: {err or type(err).__name__}") from err
+                raise CloudUnavailable(f"{self._shown}: {err or type(err).__name__}") from err
         if not isinstance(text, str):
-            raise CloudUnavailable(f"unexpected reply {text!r} from {redact(self._dsn)}")
+            raise CloudUnavailable(f"unexpected reply {text!r} from {self._shown}")
         result = json.loads(text)
         if not isinstance(result, dict):
-            raise CloudUnavailable(f"unexpected reply {text[:80]!r} from {redact(self._dsn)}")
+            raise CloudUnavailable(f"unexpected reply {text[:80]!r} from {self._shown}")
         return result
 
     async def _connection(self) -> asyncpg.Connection:
@@ -118,12 +116,12 @@ class PostgresTransport:
         except asyncpg.PostgresError as err:
             # Refused logins, unknown databases, too many connections: nothing a smaller
             # batch would fix.
-            raise CloudUnavailable(f"{redact(self._dsn)}: {_describe(err)}") from err
+            raise CloudUnavailable(f"{self._shown}: {_describe(err)}") from err
         except (OSError, TimeoutError, asyncpg.InterfaceError) as err:
             raise CloudUnavailable(
-                f"cannot connect to {redact(self._dsn)}: {err or type(err).__name__}"
+                f"cannot connect to {self._shown}: {err or type(err).__name__}"
             ) from err
-        _LOGGER.debug("connected to %s", redact(self._dsn))
+        _LOGGER.debug("connected to %s", self._shown)
         return self._conn
 
     async def _drop(self) -> None:

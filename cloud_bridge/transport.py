@@ -87,12 +87,22 @@ def open_transport(config: CloudConfig) -> CloudTransport:
     url = config.url
     if not url:
         raise CloudConfigError("url", "not set")
-    if url.startswith(("postgresql://", "postgres://")):
+    kind = transport_kind(url)
+    if kind == "postgres":
         from .postgres import PostgresTransport  # noqa: PLC0415 - asyncpg only when used
 
         return PostgresTransport(url)
-    if url.startswith(("https://", "http://")):
+    if kind == "rest":
         from .rest import RestTransport  # noqa: PLC0415 - aiohttp session only when used
 
         return RestTransport.from_config(config)
     raise CloudConfigError("url", f"unsupported scheme in {url.split('://', 1)[0]!r}")
+
+
+def transport_kind(url: str) -> str | None:
+    """``"postgres"`` or ``"rest"``: the transport a URL selects, ``None`` for neither."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgres"
+    if url.startswith(("https://", "http://")):
+        return "rest"
+    return None

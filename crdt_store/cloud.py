@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import aiosqlite
 
-from .index import Statement
+from .index import RAISE_CLOUD_MARK, Statement
 from .model import ItemView, Movement
 
 #: The writer name of web edits in an item's slots (``name@cloud``).
@@ -167,16 +167,14 @@ async def pending_movements(db: aiosqlite.Connection, limit: int) -> list[Moveme
 
 
 async def backlog(db: aiosqlite.Connection) -> CloudBacklog:
-    counts = []
-    for sql in (
-        "SELECT count(*) FROM cloud_dirty_items",
-        "SELECT count(*) FROM movements WHERE cloud_pushed = 0",
-        "SELECT count(*) FROM cloud_parked",
-    ):
-        async with db.execute(sql) as cursor:
-            row = await cursor.fetchone()
-        counts.append(int(row[0]) if row else 0)
-    return CloudBacklog(*counts)
+    async with db.execute(
+        "SELECT (SELECT count(*) FROM cloud_dirty_items), "
+        "(SELECT count(*) FROM movements WHERE cloud_pushed = 0), "
+        "(SELECT count(*) FROM cloud_parked)"
+    ) as cursor:
+        row = await cursor.fetchone()
+    assert row is not None
+    return CloudBacklog(int(row[0]), int(row[1]), int(row[2]))
 
 
 async def parked(db: aiosqlite.Connection, limit: int = 1000) -> list[ParkedRow]:
@@ -272,5 +270,5 @@ def _mark_items(where: str) -> str:
     """Mark items of the query index for a push (raising a mark, as index.py does)."""
     return (
         f"INSERT INTO cloud_dirty_items (item_id, hlc) SELECT id, hlc FROM items WHERE {where} "
-        "ON CONFLICT (item_id) DO UPDATE SET hlc = max(excluded.hlc, cloud_dirty_items.hlc + 1)"
+        + RAISE_CLOUD_MARK
     )

@@ -129,14 +129,6 @@ def has_slot_at_least(item: Map[Any], field: str, hlc: int, station: str) -> boo
     return False
 
 
-def slot_hlc(item: Map[Any], key: str) -> int | None:
-    """The HLC of one slot, if it holds a well-formed ``[value, hlc]``."""
-    slot = item.get(key)
-    if type(slot) is list and len(slot) == 2 and isinstance(slot[1], int | float):
-        return int(slot[1])
-    return None
-
-
 def _at_least(stored: object, stored_station: str, hlc: int, station: str) -> bool:
     """Whether a slot's ``(hlc, station)`` is at least ``(hlc, station)``."""
     if isinstance(stored, bool) or not isinstance(stored, int | float):

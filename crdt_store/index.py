@@ -116,6 +116,15 @@ _UPSERT_ITEMS = (
 )
 
 
+#: How an item is marked for the cloud bridge: the mark only ever rises while the item
+#: waits, even when a peer's late write changes the view without raising its HLC. The
+#: bridge confirms a push by the mark it read, so a change during the push keeps the
+#: item marked.
+RAISE_CLOUD_MARK = (
+    "ON CONFLICT (item_id) DO UPDATE SET hlc = max(excluded.hlc, cloud_dirty_items.hlc + 1)"
+)
+
+
 def view_statements(views: Sequence[ItemView], added: Collection[str] = ()) -> list[Statement]:
     """Upsert items, their conflicts and alerts, and mark them for the cloud bridge.
 
@@ -144,13 +153,9 @@ def view_statements(views: Sequence[ItemView], added: Collection[str] = ()) -> l
             "INSERT INTO alerts (item_id, kind) VALUES {rows}",
             [(view.id, kind) for view in views for kind in view.alerts],
         ),
-        # The mark only ever rises while an item waits, even when a peer's late write
-        # changes the view without raising its HLC: the cloud bridge confirms a push by
-        # the mark it read, so a change during the push keeps the item marked.
+        # Marked for the cloud bridge (RAISE_CLOUD_MARK).
         *bulk(
-            "INSERT INTO cloud_dirty_items (item_id, hlc) VALUES {rows} "
-            "ON CONFLICT (item_id) DO UPDATE SET "
-            "hlc = max(excluded.hlc, cloud_dirty_items.hlc + 1)",
+            "INSERT INTO cloud_dirty_items (item_id, hlc) VALUES {rows} " + RAISE_CLOUD_MARK,
             [(view.id, view.hlc) for view in views],
         ),
     ]

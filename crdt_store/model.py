@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .errors import InvalidInput
+from .names import uuid_text
 
 Kind = Literal["bulk", "serial"]
 KINDS: tuple[Kind, ...] = ("bulk", "serial")
@@ -492,8 +493,7 @@ def _uuid_of(value: object) -> str | None:
         return None
     if len(raw) != 16:
         return None
-    h = raw.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    return uuid_text(raw.hex())
 
 
 def movement_from_raw(station: str, raw: object) -> Movement | None:

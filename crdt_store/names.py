@@ -62,8 +62,13 @@ def new_uuid7(now_ms: int, rand: bytes | None = None) -> str:
     value |= 0x7 << 76
     value &= ~(0x3 << 62)
     value |= 0x2 << 62
-    h = f"{value:032x}"  # the text form, without building a uuid.UUID (imports make 100k)
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    return uuid_text(f"{value:032x}")
+
+
+def uuid_text(hex32: str) -> str:
+    """A UUID's text form from its 32 hex digits, without building a ``uuid.UUID``: an
+    import makes 100k ids and a new station decodes as many ledger entries."""
+    return f"{hex32[:8]}-{hex32[8:12]}-{hex32[12:16]}-{hex32[16:20]}-{hex32[20:]}"
 
 
 def is_item_id(text: str) -> bool:

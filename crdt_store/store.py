@@ -1207,9 +1207,10 @@ class Store:
             await self._commit()
         return count
 
-    async def cloud_parked(self) -> list[ParkedRow]:
+    async def cloud_parked(self, limit: int = 1000) -> list[ParkedRow]:
+        """Rows the cloud refused, oldest first, at most ``limit``."""
         self._check_open()
-        return await cloud.parked(self._reader)
+        return await cloud.parked(self._reader, limit)
 
     async def cloud_backlog(self) -> CloudBacklog:
         self._check_open()

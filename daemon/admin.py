@@ -37,22 +37,38 @@ MAX_INVITE_SECONDS = 7 * 86400
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z ]+)-----.+?-----END \1-----\s*", re.DOTALL)
 
 
-class JoinRefused(Exception):
-    """Joining a fleet did not work; the station is as it was. ``retry`` says whether
-    trying again later may help (the inviter was unreachable)."""
-
-    def __init__(self, code: str, message: str, *, retry: bool = False) -> None:
-        self.code = code
-        self.retry = retry
-        super().__init__(f"cannot join the fleet: {message}")
-
-
-class CaProblem(Exception):
-    """A CA export or import that cannot be done; the message says why."""
+class FleetError(Exception):
+    """A fleet command that cannot be done; nothing changed. ``code`` names why for
+    scripts and ``status`` is the control API's answer (its error middleware maps it)."""
 
     def __init__(self, code: str, message: str) -> None:
         self.code = code
         super().__init__(message)
+
+    @property
+    def status(self) -> int:
+        return 400
+
+
+class JoinRefused(FleetError):
+    """Joining a fleet did not work; the station is as it was. ``retry`` says whether
+    trying again later may help (the inviter was unreachable)."""
+
+    def __init__(self, code: str, message: str, *, retry: bool = False) -> None:
+        self.retry = retry
+        super().__init__(code, f"cannot join the fleet: {message}")
+
+    @property
+    def status(self) -> int:
+        return 502 if self.retry else 403
+
+
+class CaProblem(FleetError):
+    """An invite, revocation or CA export/import that cannot be done."""
+
+    @property
+    def status(self) -> int:
+        return {"no_ca": 409, "not_found": 404}.get(self.code, 400)
 
 
 class FleetAdmin:
@@ -94,7 +110,7 @@ class FleetAdmin:
 
     # ------------------------------------------------------------ join
 
-    def _check_may_leave(self, token: JoinToken, *, force: bool) -> None:
+    def _check_may_leave(self, *, force: bool) -> None:
         membership = self.guard.membership
         if membership.holds_ca and not force:
             others = [
@@ -121,7 +137,7 @@ class FleetAdmin:
                 raise JoinRefused("already_member", "this station is already in that fleet")
             if time.time() > token.expires_at:
                 raise JoinRefused("token_expired", "this token has expired; ask for a new one")
-            self._check_may_leave(token, force=force)
+            self._check_may_leave(force=force)
             try:
                 enrolled = await enroll(token, self.guard.membership.identity, self.config.name)
             except EnrollmentFailed as exc:

@@ -37,7 +37,7 @@ from crdt_store import (
 )
 from crdt_store.model import Kind
 
-from .admin import CaProblem, FleetAdmin, JoinRefused
+from .admin import FleetAdmin, FleetError
 from .catalog import RowProblem, parse_rows
 from .config import Config, ConfigError, parse_duration, parse_host_port
 from .peers import PeerManager
@@ -83,7 +83,7 @@ def error_response(status: int, code: str, message: str, **extra: Any) -> web.Re
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except ApiError as exc:
+    except (ApiError, FleetError) as exc:
         return error_response(exc.status, exc.code, str(exc))
     except StoreError as exc:
         status = next((s for cls, s in _STATUS_OF.items() if isinstance(exc, cls)), 500)
@@ -480,10 +480,7 @@ class ControlApi:
                 addresses.append(parse_host_port("address", text))
             except ConfigError as exc:
                 raise ApiError(400, "invalid", str(exc)) from exc
-        try:
-            token = self._admin().invite(expires, tuple(addresses))
-        except CaProblem as exc:
-            raise ApiError(409 if exc.code == "no_ca" else 400, exc.code, str(exc)) from exc
+        token = self._admin().invite(expires, tuple(addresses))
         return web.json_response(
             {
                 "token": token.encode(),
@@ -498,10 +495,7 @@ class ControlApi:
         token = _text(data, "token")
         if not token:
             raise InvalidInput("token", token, "give the token printed by 'fleet invite'")
-        try:
-            result = await self._admin().join(token, force=bool(data.get("force", False)))
-        except JoinRefused as exc:
-            raise ApiError(502 if exc.retry else 403, exc.code, str(exc)) from exc
+        result = await self._admin().join(token, force=bool(data.get("force", False)))
         return web.json_response(result)
 
     async def fleet_revoke(self, request: web.Request) -> web.Response:
@@ -509,28 +503,18 @@ class ControlApi:
         station = _text(data, "station_id")
         if not station:
             raise InvalidInput("station_id", station, "give the station id to revoke")
-        try:
-            result = await self._admin().revoke(station)
-        except CaProblem as exc:
-            status = {"no_ca": 409, "not_found": 404}.get(exc.code, 400)
-            raise ApiError(status, exc.code, str(exc)) from exc
+        result = await self._admin().revoke(station)
         return web.json_response(result)
 
     async def fleet_export_ca(self, request: web.Request) -> web.Response:
         data = await _body(request)
-        try:
-            pem = await self._admin().export_ca(_passphrase(data))
-        except CaProblem as exc:
-            raise ApiError(409 if exc.code == "no_ca" else 400, exc.code, str(exc)) from exc
+        pem = await self._admin().export_ca(_passphrase(data))
         return web.json_response({"pem": pem.decode("ascii")})
 
     async def fleet_import_ca(self, request: web.Request) -> web.Response:
         data = await _body(request)
         pem = (_text(data, "pem", "") or "").encode()
-        try:
-            result = await self._admin().import_ca(pem, _passphrase(data))
-        except CaProblem as exc:
-            raise ApiError(400, exc.code, str(exc)) from exc
+        result = await self._admin().import_ca(pem, _passphrase(data))
         return web.json_response(result)
 
     async def list_peers(self, request: web.Request) -> web.Response:

@@ -32,8 +32,6 @@ from .identity import KEY_FILE, StationIdentity
 STATION_CERT_FILE = "station.crt"
 CA_CERT_FILE = "fleet-ca.crt"
 CA_KEY_FILE = "fleet-ca.key"
-#: The file of the interim fleet ids used before fleet security; ignored if present.
-LEGACY_FLEET_FILE = "fleet.id"
 
 
 class FleetFileError(Exception):
@@ -60,7 +58,12 @@ def write_file(path: Path, data: bytes, mode: int = 0o600) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make renames in ``directory`` durable (they live in the directory's entries)."""
+    dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
@@ -204,11 +207,7 @@ def finish_install(data_dir: Path) -> None:
     if staged_station.exists():
         os.replace(staged_station, data_dir / STATION_CERT_FILE)
     os.replace(staged_ca, data_dir / CA_CERT_FILE)
-    dir_fd = os.open(data_dir, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(data_dir)
 
 
 def install_ca_key(current: FleetMembership, ca_key: Ed25519PrivateKey) -> FleetMembership:

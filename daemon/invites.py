@@ -45,6 +45,12 @@ class TokenError(Exception):
     """A join token that cannot be read; the message says what is wrong with it."""
 
 
+def invite_proof(secret: bytes, csr_pem: bytes) -> str:
+    """The joining station's proof, and what the inviter checks it against: an HMAC keyed
+    by the token's secret over exactly this certificate request."""
+    return hmac.new(secret, csr_pem, hashlib.sha256).hexdigest()
+
+
 @dataclass(frozen=True, slots=True)
 class JoinToken:
     ca_pin: bytes
@@ -59,7 +65,7 @@ class JoinToken:
 
     def proof(self, csr_pem: bytes) -> str:
         """Proves possession of the secret for exactly this certificate request."""
-        return hmac.new(self.secret, csr_pem, hashlib.sha256).hexdigest()
+        return invite_proof(self.secret, csr_pem)
 
     def encode(self) -> str:
         hosts = ",".join(str(a) for a in self.addresses)
@@ -234,7 +240,7 @@ class InviteBook:
         invite = self._invites.get(invite_id) if isinstance(invite_id, str) else None
         if invite is None or not hmac.compare_digest(invite.ca_pin, ca_pin):
             raise InviteRefused("token_unknown", "this token was not issued by this station")
-        expected = hmac.new(invite.secret, csr_pem, hashlib.sha256).hexdigest()
+        expected = invite_proof(invite.secret, csr_pem)
         if not isinstance(proof, str) or not hmac.compare_digest(expected, proof):
             raise InviteRefused(
                 "bad_proof", "the request was not made with this token (or was altered)"

@@ -16,18 +16,17 @@ import json
 import os
 import subprocess
 from collections.abc import Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 import pytest
 
 from tests.daemon_harness import INVSYNC, Daemon, short_dir
 from tests.pg_cluster import CloudDatabase, PgCluster, web_request
-from tests.stations import Stations, wait_until
+from tests.stations import Stations, peer_at, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
-T = TypeVar("T")
 SETTLE = 60.0
 #: Short, so a test sees several rounds (and backoff capped at 10 intervals = 5 s).
 PUSH_INTERVAL = "0.5s"
@@ -76,8 +75,7 @@ def items(daemon: Daemon) -> dict[str, dict[str, Any]]:
 
 
 def connect_peer(fleet: CloudFleet, name: str, hub: Daemon, **kwargs: Any) -> Daemon:
-    port = cli(hub, "status")["peers"]["listen_port"]
-    return fleet.started(name, "--peer", f"127.0.0.1:{port}", **kwargs)
+    return fleet.started(name, "--peer", peer_at(hub), **kwargs)
 
 
 # ---------------------------------------------------------------------- the cloud

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 import pycrdt
@@ -59,6 +59,7 @@ from tests.stations import (
     find,
     item_count,
     listen_port,
+    peer_at,
     peer_list,
     station_id,
     stock,
@@ -67,7 +68,6 @@ from tests.stations import (
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
-T = TypeVar("T")
 
 #: Bounds for things that take a second or two on an idle machine.
 DISCOVERY_TIMEOUT = 40.0
@@ -233,7 +233,7 @@ def test_peer_exchange_connects_stations_that_were_told_only_one_peer(fleet: Sta
     directly, so an item added on A reaches C even after B has gone."""
     b = fleet.station("hub-b")
     fleet.start(b)
-    hub = f"127.0.0.1:{listen_port(b)}"
+    hub = peer_at(b)
     a = fleet.station("dock-a", "--peer", hub)
     c = fleet.station("dock-c", "--peer", hub)
     fleet.start(a, c)
@@ -252,7 +252,7 @@ def test_updates_are_relayed_along_a_line_of_stations(fleet: Stations) -> None:
     other end through B (relay), not over a direct link."""
     b = fleet.station("mid-b")
     fleet.start(b)
-    hub = f"127.0.0.1:{listen_port(b)}"
+    hub = peer_at(b)
     # B sees A and C connect from 127.0.0.1 and passes that address on; they listen on
     # 127.0.0.2 and 127.0.0.3, so the addresses peer exchange hands out lead nowhere.
     a = fleet.station("end-a", "--listen", "127.0.0.2:0", "--peer", hub)
@@ -293,7 +293,7 @@ def catalog_fleet() -> Iterator[tuple[Stations, Daemon, Daemon]]:
     try:
         a = fleet.station("office-a")
         fleet.start(a)
-        b = fleet.station("dock-b", "--peer", f"127.0.0.1:{listen_port(a)}")
+        b = fleet.station("dock-b", "--peer", peer_at(a))
         fleet.start(b)
         catalog = fleet.base / "catalog.csv"
         write_catalog(catalog, 10_000)
@@ -309,7 +309,7 @@ def test_new_station_catches_up_with_a_10k_item_fleet(
     catalog_fleet: tuple[Stations, Daemon, Daemon],
 ) -> None:
     fleet, a, _ = catalog_fleet
-    new = fleet.station("new-n", "--peer", f"127.0.0.1:{listen_port(a)}")
+    new = fleet.station("new-n", "--peer", peer_at(a))
     fleet.start(new)
     assert item_count(new) < 10_000
     wait_until("new-n has all 10 000 items", 180, lambda: item_count(new) == 10_000)
@@ -334,7 +334,7 @@ def test_station_back_after_a_day_away_catches_up_with_diffs(
     checkouts, C comes back: it ends with the same stock and history, having received
     a small fraction of what its first sync took."""
     fleet, a, b = catalog_fleet
-    c = fleet.station("away-c", "--peer", f"127.0.0.1:{listen_port(a)}")
+    c = fleet.station("away-c", "--peer", peer_at(a))
     fleet.start(c)
     wait_until("away-c has the catalog", 180, lambda: item_count(c) == 10_000)
     assert cli_json(c, "sync", "--timeout", "120")["in_sync"] is True
@@ -442,13 +442,13 @@ def test_garbage_from_a_peer_closes_that_link_only(fleet: Stations) -> None:
     syncing with its real peer; nothing the garbage carried reaches its inventory."""
     a = fleet.station("dock-a")
     fleet.start(a)
-    b = fleet.station("dock-b", "--peer", f"127.0.0.1:{listen_port(a)}")
+    b = fleet.station("dock-b", "--peer", peer_at(a))
     fleet.start(b)
     b_id = station_id(b)
     wait_until("dock-a connected to dock-b", DISCOVERY_TIMEOUT, lambda: b_id in connected(a))
     add_item(a, "AMP-1", "Amp rack", 4)
     wait_until("AMP-1 on dock-b", SETTLE_TIMEOUT, lambda: find(b, "AMP-1"))
-    port = int(cli_json(a, "status")["peers"]["listen_port"])
+    port = listen_port(a)
     link_to_b = next(p for p in peer_list(a) if p["station_id"] == b_id)
     inventory = api(a, "GET", "items")["items"]
 
@@ -503,7 +503,7 @@ def test_garbage_from_a_peer_closes_that_link_only(fleet: Stations) -> None:
 def test_peers_and_sync_commands_show_the_fleet(fleet: Stations) -> None:
     a = fleet.station("office-a")
     fleet.start(a)
-    hub = f"127.0.0.1:{listen_port(a)}"
+    hub = peer_at(a)
     b = fleet.station("dock-b", "--peer", hub)
     c = fleet.station("dock-c", "--peer", hub)
     fleet.start(b, c)
@@ -564,7 +564,7 @@ def test_status_says_in_sync_after_the_peer_made_every_change(fleet: Stations) -
     config.write_text("anti_entropy_interval = 1.0\n")
     a = fleet.station("office-a", "--config", str(config))
     fleet.start(a)
-    b = fleet.station("dock-b", "--config", str(config), "--peer", f"127.0.0.1:{listen_port(a)}")
+    b = fleet.station("dock-b", "--config", str(config), "--peer", peer_at(a))
     fleet.start(b)
     wait_until("connected", DISCOVERY_TIMEOUT, lambda: len(connected(a)) == 1)
     add_item(b, "CAB-1", "Cable", 10)
@@ -587,7 +587,7 @@ def test_resolving_a_barcode_conflict_cannot_take_another_items_barcode(
     another item already has is refused, as an add or an edit would be."""
     a = fleet.station("office-a")
     fleet.start(a)
-    b = fleet.station("dock-b", "--peer", f"127.0.0.1:{listen_port(a)}")
+    b = fleet.station("dock-b", "--peer", peer_at(a))
     fleet.start(b)
     add_item(a, "LBL-1", "Speaker stand", 2)
     add_item(a, "LBL-9", "Mic stand", 2)
