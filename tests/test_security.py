@@ -40,7 +40,14 @@ from daemon.enrollment import ENROLL_PATH
 from daemon.fleet import CA_CERT_FILE, STATION_CERT_FILE, FleetMembership, load
 from daemon.guard import FleetGuard
 from daemon.identity import load_or_create, station_id_of
-from daemon.invites import JoinToken, TokenError, decode_token
+from daemon.invites import (
+    PIN_BYTES,
+    InviteBook,
+    InviteRefused,
+    JoinToken,
+    TokenError,
+    decode_token,
+)
 from daemon.protocol import MAX_FRAME, Hello, decode_frame
 from daemon.transport import CLOSE_PROTOCOL, CLOSE_REFUSED, SYNC_PATH
 from tests.daemon_harness import Daemon, short_dir
@@ -431,6 +438,15 @@ def test_join_on_first_start_and_ca_custody(site: Stations) -> None:
     assert b"INVSYNC ENCRYPTED FLEET CA KEY" in exported.read_bytes()
     assert b"PRIVATE KEY-----" not in exported.read_bytes()
 
+    short = site.base / "short"
+    short.write_text("too short\n")
+    refused = a.cli(
+        "--json", "fleet", "export-ca", str(site.base / "x.pem"), "--passphrase-file", str(short)
+    )
+    assert json.loads(refused.stdout)["error"]["code"] == "invalid"
+    assert "at least 12 characters" in json.loads(refused.stdout)["error"]["message"]
+    assert not (site.base / "x.pem").exists()
+
     wrong = site.base / "wrong"
     wrong.write_text("not the passphrase\n")
     bad = b.cli("--json", "fleet", "import-ca", str(exported), "--passphrase-file", str(wrong))
@@ -761,3 +777,26 @@ async def test_a_forged_revocation_in_the_fleet_doc_revokes_nobody(tmp_path: Pat
             )
             assert colleague in store.fleet_entries(REVOCATIONS_ROOT)
             assert guard.authorize(colleague) is None
+
+
+def test_an_invite_is_single_use_across_restarts_and_bound_to_its_ca(tmp_path: Path) -> None:
+    """The inviter records a redeemed token on disk before answering: after a restart it
+    still enrolls nobody else (the same station may fetch its answer again), and after
+    the station moves to another CA its old tokens enroll nobody."""
+    pin, new_pin = b"\x01" * PIN_BYTES, b"\x02" * PIN_BYTES
+    book = InviteBook(tmp_path)
+    token = book.create(pin, 3600, ())
+    spare = book.create(pin, 3600, ())
+    request = b"-----BEGIN CERTIFICATE REQUEST----- van -----END CERTIFICATE REQUEST-----"
+    book.redeem(token.invite_id, token.proof(request), request, "VAN", pin)
+
+    restarted = InviteBook(tmp_path)  # what the daemon reads after a restart
+    restarted.redeem(token.invite_id, token.proof(request), request, "VAN", pin)
+    other = b"-----BEGIN CERTIFICATE REQUEST----- truck -----END CERTIFICATE REQUEST-----"
+    with pytest.raises(InviteRefused) as used:
+        restarted.redeem(token.invite_id, token.proof(other), other, "TRUCK", pin)
+    assert used.value.code == "token_used"
+    with pytest.raises(InviteRefused) as moved:
+        restarted.redeem(spare.invite_id, spare.proof(other), other, "TRUCK", new_pin)
+    assert moved.value.code == "token_unknown"
+    assert restarted.open_count() == 1  # the spare is still open for this CA
