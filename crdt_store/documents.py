@@ -141,6 +141,23 @@ def add_stock(item: Map[Any], station: str, delta: int, current_own: int, hlc: i
     item[slot_key(STOCK_FIELD, station)] = [current_own + delta, hlc]
 
 
+def set_own_stock(doc: Doc[Any], item_id: str, station: str, total: int, hlc: int) -> None:
+    """This station's counter slot of an item (``total`` is its new net delta) and our
+    change marker, in the caller's transaction.
+
+    Straight to Yrs, as a checkout's only document write: pycrdt's wrappers of the item
+    and marker maps (a transaction and a type check each) cost more than the write.
+    """
+    with doc.transaction() as txn:
+        raw = txn._txn
+        assert raw is not None
+        roots = doc._doc
+        roots.get_or_insert_map(raw, item_id).insert(
+            raw, slot_key(STOCK_FIELD, station), [total, hlc]
+        )
+        roots.get_or_insert_map(raw, CHANGES_ROOT).insert(raw, slot_key(item_id, station), hlc)
+
+
 def add_stock_once(item: Map[Any], writer: str, delta: int, hlc: int) -> bool:
     """A counter slot written once, for one change (``stock@cloud:<change>``): every
     station that applies the change writes the same key and value, so several doing it

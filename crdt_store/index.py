@@ -125,8 +125,11 @@ RAISE_CLOUD_MARK = (
 )
 
 
-def view_statements(views: Sequence[ItemView], added: Collection[str] = ()) -> list[Statement]:
-    """Upsert items, their conflicts and alerts, and mark them for the cloud bridge.
+def view_statements(
+    views: Sequence[ItemView], added: Collection[str] = (), *, cloud_marks: bool = True
+) -> list[Statement]:
+    """Upsert items, their conflicts and alerts, and (``cloud_marks``) mark them for the
+    cloud bridge.
 
     Items are updated in place, not deleted and re-inserted as ``INSERT OR REPLACE``
     would, and only the indexes whose columns changed are written (see
@@ -156,26 +159,38 @@ def view_statements(views: Sequence[ItemView], added: Collection[str] = ()) -> l
         # Marked for the cloud bridge (RAISE_CLOUD_MARK).
         *bulk(
             "INSERT INTO cloud_dirty_items (item_id, hlc) VALUES {rows} " + RAISE_CLOUD_MARK,
-            [(view.id, view.hlc) for view in views],
+            [(view.id, view.hlc) for view in views] if cloud_marks else [],
         ),
     ]
 
 
 def movement_statements(movements: Iterable[Movement]) -> list[Statement]:
-    return bulk(
-        "INSERT OR IGNORE INTO movements (id, hlc, station, operator, item_id, barcode, op, "
-        "qty, sheet) VALUES {rows}",
-        [
-            (m.id, m.hlc, m.station, m.operator, m.item, m.barcode, m.op, m.qty, m.sheet)
-            for m in movements
-        ],
-    )
+    """Insert movements (once each) and the barcodes they were recorded under."""
+    rows = [
+        (m.id, m.hlc, m.station, m.operator, m.item, m.barcode, m.op, m.qty, m.sheet)
+        for m in movements
+    ]
+    return [
+        *bulk(
+            "INSERT OR IGNORE INTO movements (id, hlc, station, operator, item_id, barcode, "
+            "op, qty, sheet) VALUES {rows}",
+            rows,
+        ),
+        *bulk(
+            "INSERT OR IGNORE INTO movement_barcodes (barcode, item_id) VALUES {rows}",
+            list(dict.fromkeys((row[5], row[4]) for row in rows)),
+        ),
+    ]
 
 
 async def write_views(
-    db: aiosqlite.Connection, views: Sequence[ItemView], added: Collection[str] = ()
+    db: aiosqlite.Connection,
+    views: Sequence[ItemView],
+    added: Collection[str] = (),
+    *,
+    cloud_marks: bool = True,
 ) -> None:
-    for sql, params in view_statements(views, added):
+    for sql, params in view_statements(views, added, cloud_marks=cloud_marks):
         if params:
             await db.executemany(sql, params)
 
@@ -187,7 +202,14 @@ async def write_movements(db: aiosqlite.Connection, movements: Iterable[Movement
 
 
 async def clear(db: aiosqlite.Connection) -> None:
-    for table in ("items", "conflicts", "alerts", "movements", "ledger_progress"):
+    for table in (
+        "items",
+        "conflicts",
+        "alerts",
+        "movements",
+        "movement_barcodes",
+        "ledger_progress",
+    ):
         await db.execute(f"DELETE FROM {table}")
 
 
@@ -309,13 +331,20 @@ async def alerts(db: aiosqlite.Connection) -> list[Alert]:
 async def history(
     db: aiosqlite.Connection, item_ids: Sequence[str], barcode: str
 ) -> list[Movement]:
-    """Movements of these items, or recorded under this barcode, in HLC order."""
+    """Movements of these items, or recorded under this barcode, in HLC order.
+
+    Those recorded under the barcode are found through the items they were recorded for
+    (``movement_barcodes``), as the movements are indexed by item only.
+    """
     marks = ",".join("?" * len(item_ids))
+    columns = "id, hlc, station, operator, item_id, barcode, op, qty, sheet"
     sql = (
-        "SELECT id, hlc, station, operator, item_id, barcode, op, qty, sheet FROM movements "
-        f"WHERE barcode = ? OR item_id IN ({marks}) ORDER BY hlc, station, id"
+        f"SELECT {columns} FROM movements WHERE item_id IN ({marks}) "
+        f"UNION SELECT {columns} FROM movements WHERE item_id IN "
+        "(SELECT item_id FROM movement_barcodes WHERE barcode = ?) AND barcode = ? "
+        "ORDER BY hlc, station, id"
     )
-    async with db.execute(sql, [barcode, *item_ids]) as cursor:
+    async with db.execute(sql, [*item_ids, barcode, barcode]) as cursor:
         rows = await cursor.fetchall()
     return [Movement(*row) for row in rows]
 

@@ -5,7 +5,8 @@ The schema version lives in ``PRAGMA user_version``. Each migration runs in its 
 leaves the database at the previous version, never half-migrated. A database from a newer
 version is refused before anything is written to it.
 
-The query index (``items``, ``conflicts``, ``alerts``, ``movements``) is derived data: it
+The query index (``items``, ``conflicts``, ``alerts``, ``movements``,
+``movement_barcodes``) is derived data: it
 can always be rebuilt from the documents. ``INDEX_VERSION`` (kept in ``meta``) says which
 layout of derived data is on disk; the store rebuilds when it differs.
 """
@@ -146,9 +147,50 @@ MIGRATIONS: Sequence[Migration] = (
         ) WITHOUT ROWID;
         """,
     ),
+    Migration(
+        "006_update_log_in_write_order",
+        """
+        -- The log was clustered by (doc, seq): each commit's rows, a few hundred bytes
+        -- each, landed on one page per document (about 28 pages of WAL for a commit of
+        -- 16 checkouts). Stored in write order, one commit's rows share a page or two;
+        -- the (doc, seq) index stays small enough to be cached.
+        CREATE TABLE updates_in_write_order (
+            doc TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            data BLOB NOT NULL
+        );
+        INSERT INTO updates_in_write_order (doc, seq, data)
+            SELECT doc, seq, data FROM updates ORDER BY doc, seq;
+        DROP TABLE updates;
+        ALTER TABLE updates_in_write_order RENAME TO updates;
+        CREATE UNIQUE INDEX updates_doc_seq ON updates (doc, seq);
+        """,
+    ),
+    Migration(
+        "007_movement_barcodes",
+        """
+        -- The items movements were recorded for under each barcode. `history` finds a
+        -- barcode's movements through them and the movements_item index, so a movement
+        -- no longer writes a page of a second index (one at random per barcode); a pair
+        -- already here costs a lookup, not a write.
+        CREATE TABLE movement_barcodes (
+            barcode TEXT NOT NULL,
+            item_id TEXT NOT NULL,
+            PRIMARY KEY (barcode, item_id)
+        ) WITHOUT ROWID;
+        INSERT OR IGNORE INTO movement_barcodes (barcode, item_id)
+            SELECT DISTINCT barcode, item_id FROM movements;
+        DROP INDEX movements_barcode;
+        """,
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
+#: What the documents hold and how (slots, counters, ledger entries), as peers compare it
+#: in their hello. Raise it with a migration that changes the documents; one that only
+#: changes how this station stores them (006, 007) leaves it, so stations upgraded one by one
+#: keep syncing.
+DOCUMENT_FORMAT = 5
 #: Bump when the layout of derived index data changes; the store then rebuilds it.
 INDEX_VERSION = 1
 

@@ -32,9 +32,10 @@ from typing import Any
 
 import aiosqlite
 import pycrdt
-from pycrdt import Doc, MapEvent, TransactionEvent
+from pycrdt import Doc, TransactionEvent
 
 from . import cloud, documents, index
+from .checkpoint import Checkpointer, tune_writer
 from .cloud import (
     AppliedEdits,
     CloudBacklog,
@@ -153,6 +154,8 @@ class _Batch:
     #: Items created by this batch: not in the index yet.
     added: set[str] = field(default_factory=set)
     movements: list[Movement] = field(default_factory=list)
+    #: This station's movements, appended to the ledger documents as the batch commits.
+    to_ledger: list[Movement] = field(default_factory=list)
     ledger_progress: dict[tuple[str, str], int] = field(default_factory=dict)
     compact: set[str] = field(default_factory=set)
     #: Cloud bridge bookkeeping (confirmed pushes, parked rows, the pull cursor).
@@ -201,8 +204,12 @@ class Store:
         self._index_backlog: dict[str, None] = {}
         #: Views of the backlog's next items, resolved during a commit (_prefetch_views).
         self._prefetched: dict[str, ItemView] = {}
-        self._marker_maps: list[Any] = []
+        self._marker_subscriptions: list[Any] = []
         self._ledger_indexed: dict[tuple[str, str], int] = {}
+        #: Whether the outbox is bound to a cloud database (``cloud_use_target``). Until
+        #: it is, commits mark nothing: binding marks every item anyway, and each mark
+        #: was a page written per checkout for a bridge that may never come.
+        self._cloud_bound = False
         self._origin = _LOADING
         self._changed_docs: set[str] = set()
         self._integrated: list[bytes] = []
@@ -213,6 +220,7 @@ class Store:
         self._batch = _Batch(self._loop.create_future())
         self._wakeup = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
+        self._checkpointer: Checkpointer | None = None
         self._failure: BaseException | None = None
         self._closing = False
         self._closed = False
@@ -274,6 +282,7 @@ class Store:
             await db.execute("PRAGMA journal_mode = WAL")
             await db.execute("PRAGMA synchronous = FULL")
             await db.execute("PRAGMA busy_timeout = 5000")
+            await tune_writer(db)
             await migrate(db, str(db_path))
             meta = await _read_meta(db)
             client_id, last_hlc = await _claim_identity(
@@ -306,8 +315,10 @@ class Store:
             compact_after=compact_after,
         )
         try:
+            store._cloud_bound = await cloud.state(db, "target") is not None
             await store._load()
             await store._ensure_index(meta)
+            store._checkpointer = await Checkpointer.open(db_path)
         except BaseException:
             store._lookup.close()
             await reader.close()
@@ -339,6 +350,8 @@ class Store:
         finally:
             self._closed = True
             self._lookup.close()
+            if self._checkpointer is not None:
+                await self._checkpointer.close()
             await self._reader.close()
             await self._db.close()
 
@@ -397,10 +410,12 @@ class Store:
     def _watch(self, name: str, doc: Doc[Any]) -> None:
         doc.observe(partial(self._on_doc_update, name))
         if name.startswith("items/"):
-            # pycrdt drops a Map observer together with the Map wrapper: keep both alive.
+            # Observed on the Yrs map itself: pycrdt's ``observe`` builds a Python event
+            # for every transaction, local ones included, a tenth of a checkout's CPU.
+            # Local writes are noted by their writer instead (``_keep_view``).
             markers = documents.changes_map(doc)
-            markers.observe(partial(self._on_item_markers, name))
-            self._marker_maps.append(markers)
+            callback = partial(self._on_item_markers, int(name.split("/")[1]), doc)
+            self._marker_subscriptions.append(markers.integrated.observe(callback))
 
     async def _ensure_index(self, meta: Mapping[str, str]) -> None:
         """Rebuild the query index when its layout changed or rows are missing."""
@@ -428,7 +443,12 @@ class Store:
             await index.clear(self._db)
             await self._db.execute("DELETE FROM index_pending")
             # The index was just emptied: every row is new (no update or upsert probes).
-            await index.write_views(self._db, views, added={view.id for view in views})
+            await index.write_views(
+                self._db,
+                views,
+                added={view.id for view in views},
+                cloud_marks=self._cloud_bound,
+            )
             await index.write_movements(self._db, movements)
             await self._db.executemany(
                 "INSERT INTO ledger_progress (doc, station, count) VALUES (?, ?, ?)",
@@ -453,10 +473,19 @@ class Store:
             # they depend on arrived: storing the received bytes alone would lose those.
             self._integrated.append(event.update)
 
-    def _on_item_markers(self, name: str, event: MapEvent) -> None:
-        shard = int(name.split("/")[1])
-        remote = self._origin not in (LOCAL, _LOADING)
-        changed: dict[str, dict[str, Any]] = getattr(event, "keys", {})
+    def _on_item_markers(self, shard: int, doc: Doc[Any], event: Any) -> None:
+        """Change markers of a merged update: which items it touched (``event`` is the
+        raw Yrs map event)."""
+        if self._origin == LOCAL:
+            return
+        try:
+            self._note_markers(shard, event.keys)
+        except Exception as exc:
+            # As pycrdt's own observers do: the transaction raises it when it ends.
+            doc._exceptions.append(exc)
+
+    def _note_markers(self, shard: int, changed: dict[str, dict[str, Any]]) -> None:
+        remote = self._origin != _LOADING
         for key, change in changed.items():
             parts = split_slot_key(key)
             if parts is None or not is_item_id(parts[0]):
@@ -564,19 +593,10 @@ class Store:
         )
 
     def _append_movements(self, movements: Sequence[Movement]) -> None:
-        """Append to this station's ledger array of each movement's day, one transaction
-        per day."""
-        by_day: dict[str, list[Movement]] = {}
-        for movement in movements:
-            by_day.setdefault(ledger_doc(physical_ms(movement.hlc)), []).append(movement)
-        for name, day in by_day.items():
-            doc = self._doc(name)
-            with doc.transaction(origin=LOCAL):
-                documents.append_movements(doc, self.station_id, day)
-            key = (name, self.station_id)
-            self._ledger_indexed[key] = self._ledger_indexed.get(key, 0) + len(day)
-            self._batch.ledger_progress[key] = self._ledger_indexed[key]
+        """Record movements of this station; they join the ledger as the batch commits
+        (``_write_ledger``)."""
         self._batch.movements.extend(movements)
+        self._batch.to_ledger.extend(movements)
         for movement in movements:
             self._recent_ops[movement.id] = None
         while len(self._recent_ops) > _RECENT_OPS:
@@ -611,8 +631,7 @@ class Store:
         own = view.stock_by_station.get(station, 0)
         doc = self._item_doc(view.id)
         with doc.transaction(origin=LOCAL):
-            documents.add_stock(documents.item_map(doc, view.id), station, delta, own, hlc)
-            documents.mark_changed(doc, view.id, station, hlc)
+            documents.set_own_stock(doc, view.id, station, own + delta, hlc)
         settled = dataclasses.replace(
             view,
             stock=view.stock + delta,
@@ -620,16 +639,24 @@ class Store:
             stock_hlcs={**view.stock_hlcs, station: hlc},
             hlc=max(view.hlc, hlc),
         )
-        self._batch.touched.add(view.id)
-        self._batch.views[view.id] = settled
+        self._keep_view(settled)
         return settled
 
     def _settled_view(self, item_id: str) -> ItemView:
         """Compute the view after a local write and keep it for the coming commit."""
         view = self._compute_view(item_id)
-        self._batch.touched.add(item_id)
-        self._batch.views[item_id] = view
+        self._keep_view(view)
         return view
+
+    def _keep_view(self, view: ItemView) -> None:
+        """The view of an item after a local write, for the coming commit to index.
+
+        Every local write to an item ends here: the change-marker observer skips local
+        transactions, so this is also where a view resolved ahead goes stale.
+        """
+        self._batch.touched.add(view.id)
+        self._batch.views[view.id] = view
+        self._prefetched.pop(view.id, None)
 
     async def _commit(self) -> None:
         """Wait until everything done so far is durably stored."""
@@ -700,8 +727,7 @@ class Store:
             for item_id, _ in group:
                 self._known_items[item_id] = shard
         for view in views:
-            self._batch.touched.add(view.id)
-            self._batch.views[view.id] = view
+            self._keep_view(view)
             self._batch.added.add(view.id)
         self._append_movements(movements)
         return views
@@ -1231,6 +1257,7 @@ class Store:
         if await cloud.state(self._reader, "target") == target:
             return False
         self._batch.cloud.extend(cloud.new_target_statements(target))
+        self._cloud_bound = True
         await self._commit()
         return True
 
@@ -1445,15 +1472,41 @@ class Store:
 
     # ------------------------------------------------------------------ writer
 
+    def _write_ledger(self, batch: _Batch) -> None:
+        """Append the batch's movements to this station's ledger array of each one's day,
+        one transaction per day for the whole group commit.
+
+        One transaction per operation made a ledger update per checkout: a log row, a
+        frame to every peer and some 20 bytes of Yjs header each, and a third of the
+        event loop's time for a checkout. Nothing reads the ledger documents before the
+        commit: history and the cloud read the ``movements`` table, written with it.
+        """
+        by_day: dict[str, list[Movement]] = {}
+        for movement in batch.to_ledger:
+            by_day.setdefault(ledger_doc(physical_ms(movement.hlc)), []).append(movement)
+        batch.to_ledger = []
+        for name, day in by_day.items():
+            doc = self._doc(name)
+            with doc.transaction(origin=LOCAL):
+                documents.append_movements(doc, self.station_id, day)
+            key = (name, self.station_id)
+            self._ledger_indexed[key] = self._ledger_indexed.get(key, 0) + len(day)
+            batch.ledger_progress[key] = self._ledger_indexed[key]
+
     async def _run_writer(self) -> None:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            batch, self._batch = self._batch, _Batch(self._loop.create_future())
+            batch = self._batch
             # An empty batch still resolves: its waiters only need what came before it.
             try:
+                # Before the next batch opens: the ledger's updates belong to this one.
+                self._write_ledger(batch)
+                self._batch = _Batch(self._loop.create_future())
                 if not batch.is_empty() or self._index_backlog:
                     await self._write(batch)
+                    assert self._checkpointer is not None
+                    self._checkpointer.committed()
             except BaseException as exc:
                 self._failure = exc
                 _LOGGER.critical("commit failed, the store stops: %s", exc)
@@ -1537,7 +1590,7 @@ class Store:
             # Before the views: a push confirmed in this commit must not drop the mark
             # that an edit in this same commit sets.
             *batch.cloud,
-            *index.view_statements(views, batch.added),
+            *index.view_statements(views, batch.added, cloud_marks=self._cloud_bound),
             *index.movement_statements(batch.movements),
             (
                 "INSERT OR REPLACE INTO ledger_progress (doc, station, count) VALUES (?, ?, ?)",

@@ -27,7 +27,7 @@ from functools import partial
 from typing import Any
 
 from crdt_store import CommittedUpdate, Store, StoreClosed, StoreError
-from crdt_store.schema import SCHEMA_VERSION
+from crdt_store.schema import DOCUMENT_FORMAT
 
 from .config import HostPort
 from .guard import FleetGuard
@@ -491,7 +491,7 @@ class PeerManager:
             name=self.name,
             fleet_id=self.fleet_id,
             shard_count=self.store.shard_count,
-            schema_version=SCHEMA_VERSION,
+            schema_version=DOCUMENT_FORMAT,
             port=self.port,
         )
 
@@ -546,8 +546,8 @@ class PeerManager:
             return f"station of another fleet ({hello.fleet_id})"
         if hello.shard_count != self.store.shard_count:
             return f"shard count {hello.shard_count}, ours is {self.store.shard_count}"
-        if hello.schema_version != SCHEMA_VERSION:
-            return f"schema version {hello.schema_version}, ours is {SCHEMA_VERSION}"
+        if hello.schema_version != DOCUMENT_FORMAT:
+            return f"document format {hello.schema_version}, ours is {DOCUMENT_FORMAT}"
         return None
 
     def _refused_incoming(self, remote: str, reason: str, station_id: str | None) -> None:

@@ -8,10 +8,27 @@ the normal sync seam.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from crdt_store import NewItem, Store
 from crdt_store.cloud import CLOUD_WRITER, CloudEdit
 from crdt_store.hlc import pack
 from tests.conftest import OpenStore, sync_pair
+
+
+@pytest.fixture
+def open_store(open_store: OpenStore) -> OpenStore:
+    """Stores whose outbox is bound to a cloud database, as the bridge binds it before
+    its first push (an unbound store keeps no item marks: see the test below)."""
+
+    async def _open(station_id: str = "A", **kwargs: object) -> Store:
+        store = await open_store(station_id, **kwargs)
+        await store.cloud_use_target("db/FLEET")
+        return store
+
+    return _open
 
 
 async def drain(store: Store) -> list[str]:
@@ -49,6 +66,29 @@ async def test_outbox_holds_changed_items_and_new_movements_until_confirmed(
     await store.checkout(spk.id, 2)
     assert [d.view.stock for d in await store.cloud_dirty_items(10)] == [6]
     assert [m.op for m in await store.cloud_pending_movements(10)] == ["checkout"]
+
+
+async def test_binding_the_outbox_marks_what_changed_before_it(tmp_path: Path) -> None:
+    """Until a bridge binds the outbox to a database, commits mark no item (a page
+    written per checkout for a cloud that may never come); binding marks them all, so
+    nothing changed before it is left out of the first push."""
+    async with Store.open(tmp_path / "A.db", station_id="A", shard_count=8) as store:
+        spk = await store.add_item(NewItem("SPK001", "Speaker", qty=8))
+        await store.checkout(spk.id, 2)
+        assert await store.cloud_dirty_items(10) == []
+        assert (await store.cloud_backlog()).items == 0
+    async with Store.open(tmp_path / "A.db", station_id="A", shard_count=8) as store:
+        cable = await store.add_item(NewItem("CBL001", "Cable", qty=50))
+        assert await store.cloud_use_target("db/FLEET") is True
+        await store.checkout(cable.id, 1)
+        dirty = {d.view.barcode: d.view.stock for d in await store.cloud_dirty_items(10)}
+        assert dirty == {"SPK001": 6, "CBL001": 49}
+        assert len(await store.cloud_pending_movements(10)) == 4
+        await drain(store)
+    # Bound stays bound across a restart: the next change is marked again.
+    async with Store.open(tmp_path / "A.db", station_id="A", shard_count=8) as store:
+        await store.checkout(spk.id, 1)
+        assert [d.view.stock for d in await store.cloud_dirty_items(10)] == [5]
 
 
 async def test_an_edit_during_a_push_keeps_the_item_on_the_outbox(store: Store) -> None:

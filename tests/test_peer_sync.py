@@ -27,9 +27,9 @@ import signal
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ import pycrdt
 import pytest
 
 from cli.client import ControlClient, item_route
+from crdt_store.schema import DOCUMENT_FORMAT
 from daemon.protocol import (
     MAX_FRAME,
     Digest,
@@ -388,14 +389,21 @@ class Closed:
     frames: list[Any]
 
 
+HelloEdit = Callable[[Hello], Hello]
+
+
 async def raw_session(
-    peer: tuple[ssl.SSLContext, str], port: int, first: bytes | None, *after: bytes | str
+    peer: tuple[ssl.SSLContext, str],
+    port: int,
+    first: bytes | HelloEdit | None,
+    *after: bytes | str,
 ) -> Closed:
     """Dial the daemon like a peer would, send frames, and report how the link ended.
 
     ``peer`` is a TLS context with a certificate of the fleet and its station id (see
     ``FleetCA.client``). ``first`` may be ``None``: then the hello is copied from the
-    daemon's own hello with that station id, so it is valid and of the same fleet."""
+    daemon's own hello with that station id, so it is valid and of the same fleet; or a
+    function that changes that valid hello."""
     context, peer_id = peer
     async with (
         aiohttp.ClientSession() as http,
@@ -405,18 +413,17 @@ async def raw_session(
     ):
         theirs = decode_frame(await asyncio.wait_for(ws.receive_bytes(), 20))
         assert isinstance(theirs, Hello)
-        if first is None:
-            first = encode_frame(
-                Hello(
-                    version=theirs.version,
-                    station_id=peer_id,
-                    name="intruder",
-                    fleet_id=theirs.fleet_id,
-                    shard_count=theirs.shard_count,
-                    schema_version=theirs.schema_version,
-                    port=0,
-                )
+        if first is None or callable(first):
+            valid = Hello(
+                version=theirs.version,
+                station_id=peer_id,
+                name="intruder",
+                fleet_id=theirs.fleet_id,
+                shard_count=theirs.shard_count,
+                schema_version=theirs.schema_version,
+                port=0,
             )
+            first = encode_frame(first(valid) if callable(first) else valid)
         frames: list[Any] = []
         try:
             await ws.send_bytes(first)
@@ -458,10 +465,20 @@ def test_garbage_from_a_peer_closes_that_link_only(fleet: Stations) -> None:
     other_fleet = Hello(1, "OTHERFLEET000001", "elsewhere", "Z" * 16, 64, 1, 0)
     nested = bytes([FrameType.PEERS]) + b"[" * 5000
 
-    cases: list[tuple[str, bytes | None, tuple[bytes | str, ...], int, str]] = [
+    def newer_documents(hello: Hello) -> Hello:
+        return replace(hello, schema_version=DOCUMENT_FORMAT + 1)
+
+    def other_shards(hello: Hello) -> Hello:
+        return replace(hello, shard_count=hello.shard_count + 1)
+
+    newer = f"document format {DOCUMENT_FORMAT + 1}, ours is {DOCUMENT_FORMAT}"
+
+    cases: list[tuple[str, bytes | HelloEdit | None, tuple[bytes | str, ...], int, str]] = [
         ("not JSON", b"\x01{not json", (), CLOSE_PROTOCOL, "bad JSON"),
         ("no hello", encode_frame(Digest(b"\x00" * 32)), (), CLOSE_PROTOCOL, "expected hello"),
         ("other fleet", encode_frame(other_fleet), (), CLOSE_REFUSED, "another fleet"),
+        ("other documents", newer_documents, (), CLOSE_REFUSED, newer),
+        ("other shards", other_shards, (), CLOSE_REFUSED, "shard count"),
         ("unknown type", None, (b"\xff\x00",), CLOSE_PROTOCOL, "unknown frame type"),
         ("corrupt update", None, (encode_frame(Update("items/00", b"\x05\xff\xff")),),
          CLOSE_PROTOCOL, "rejected update"),

@@ -7,6 +7,7 @@ SQLite file) with ``diff``/``apply_remote``, the seam the sync layer uses.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import unicodedata
 
 import pytest
@@ -17,6 +18,7 @@ from crdt_store import (
     InsufficientStock,
     InvalidInput,
     ItemNotFound,
+    Movement,
     NewItem,
     NoConflict,
     Store,
@@ -218,6 +220,47 @@ async def test_edit_barcode_moves_the_lookup(store: Store) -> None:
     assert await store.find("SPK001") == []
     assert (await store.item("SPK999")).id == item.id
     assert [m.op for m in await store.history("SPK999")] == ["add", "edit"]
+
+
+async def test_history_of_a_barcode_keeps_what_was_recorded_under_it(
+    open_store: OpenStore,
+) -> None:
+    """A relabelled item's movements stay in the old barcode's history up to the
+    relabel; the item's whole history is under its new barcode; an item that takes the
+    old barcode adds its own. This holds after the index is rebuilt too."""
+    store = await open_store("A")
+    old = await store.add_item(SPEAKER)
+    await store.checkout(old.id, 2)
+    await store.edit_item(old.id, {"barcode": "SPK999"})
+    await store.checkout(old.id, 1)
+    new = await store.add_item(NewItem("SPK001", "Replacement speaker", qty=3))
+    await store.checkout(new.id, 1)
+
+    def ops(history: list[Movement]) -> list[tuple[str, str, str]]:
+        return [(m.item, m.barcode, m.op) for m in history]
+
+    expected_old_barcode = [
+        (old.id, "SPK001", "add"),
+        (old.id, "SPK001", "checkout"),
+        (new.id, "SPK001", "add"),
+        (new.id, "SPK001", "checkout"),
+    ]
+    expected_new_barcode = [
+        (old.id, "SPK001", "add"),
+        (old.id, "SPK001", "checkout"),
+        (old.id, "SPK999", "edit"),
+        (old.id, "SPK999", "checkout"),
+    ]
+    assert ops(await store.history("SPK001")) == expected_old_barcode
+    assert ops(await store.history("SPK999")) == expected_new_barcode
+    path = store.path
+    await store.close()
+    with sqlite3.connect(path) as db:
+        db.execute("DELETE FROM items")  # missing rows: the whole index is rebuilt
+    db.close()
+    again = await open_store("A", path=path)
+    assert ops(await again.history("SPK001")) == expected_old_barcode
+    assert ops(await again.history("SPK999")) == expected_new_barcode
 
 
 async def test_listing_follows_renames_and_stock_changes(store: Store) -> None:
