@@ -103,6 +103,8 @@ MAX_REMOTE_UPDATE = 64 * 1024 * 1024
 _SKEW_LOG_INTERVAL_MS = 600_000
 #: Operation ids remembered in memory for retries; older ones are found in the index.
 _RECENT_OPS = 10_000
+#: Live item views kept for the next operation on the same item (``_live_view``).
+RECENT_VIEWS = 4096
 #: Most item views resolved in one commit for changes that came from peers.
 INDEX_SLICE = 2000
 #: Views resolved between two looks at the event loop while a commit runs (3-10 ms).
@@ -204,6 +206,8 @@ class Store:
         self._index_backlog: dict[str, None] = {}
         #: Views of the backlog's next items, resolved during a commit (_prefetch_views).
         self._prefetched: dict[str, ItemView] = {}
+        #: Live views of recently used items, the oldest first (see ``_live_view``).
+        self._recent_views: dict[str, ItemView] = {}
         self._marker_subscriptions: list[Any] = []
         self._ledger_indexed: dict[tuple[str, str], int] = {}
         #: Whether the outbox is bound to a cloud database (``cloud_use_target``). Until
@@ -494,6 +498,7 @@ class Store:
             self._batch.touched.add(item_id)
             self._batch.views.pop(item_id, None)
             self._prefetched.pop(item_id, None)
+            self._recent_views.pop(item_id, None)
             self._known_items[item_id] = shard
             new_value = change.get("newValue")
             if remote and isinstance(new_value, int | float) and station != self.station_id:
@@ -552,16 +557,34 @@ class Store:
         return views
 
     def _live_view(self, item_id: str) -> ItemView:
-        """The current view of an item from memory (includes not-yet-committed writes)."""
-        if item_id not in self._known_items:
-            raise ItemNotFound(item_id)
-        view = self._compute_view(item_id)
+        """The current view of an item from memory (includes not-yet-committed writes).
+
+        The views of the last ``RECENT_VIEWS`` items used are kept: a station scans the
+        same cables and speakers all day, and resolving an item's slots was a third of a
+        checkout's CPU time. A kept view is replaced by every local write
+        (``_keep_view``) and dropped when a peer's change to the item is merged
+        (``_note_markers``).
+        """
+        view = self._recent_views.get(item_id)
+        if view is None:
+            if item_id not in self._known_items:
+                raise ItemNotFound(item_id)
+            view = self._compute_view(item_id)
+            self._remember_view(view)
         if view.deleted:
             raise ItemNotFound(item_id)
         return view
 
+    def _remember_view(self, view: ItemView) -> None:
+        recent = self._recent_views
+        recent.pop(view.id, None)
+        recent[view.id] = view
+        if len(recent) > RECENT_VIEWS:
+            del recent[next(iter(recent))]
+
     def _write_item(self, item_id: str, hlc: int, *, registers: Mapping[str, object]) -> None:
         """One local transaction on an item: register writes and the change marker."""
+        self._recent_views.pop(item_id, None)
         doc = self._item_doc(item_id)
         with doc.transaction(origin=LOCAL):
             item = documents.item_map(doc, item_id)
@@ -657,6 +680,7 @@ class Store:
         self._batch.touched.add(view.id)
         self._batch.views[view.id] = view
         self._prefetched.pop(view.id, None)
+        self._remember_view(view)
 
     async def _commit(self) -> None:
         """Wait until everything done so far is durably stored."""
@@ -1355,6 +1379,7 @@ class Store:
         changed: list[int] = []
         delta = 0
         refreshed = 0
+        self._recent_views.pop(item_id, None)
         with doc.transaction(origin=LOCAL):
             item = documents.item_map(doc, item_id)
             for name, (value, hlc) in registers.items():

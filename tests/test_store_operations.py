@@ -419,6 +419,26 @@ async def test_concurrent_checkouts_merge_exactly(open_store: OpenStore) -> None
     assert (await b.item("SPK001")).stock == 5
 
 
+async def test_the_next_operation_sees_a_peers_merged_change(open_store: OpenStore) -> None:
+    """A station keeps the views of items it just used; a merged change from a peer
+    must reach its next checkout, edit and count all the same."""
+    a, b = await open_store("A"), await open_store("B")
+    item = await a.add_item(SPEAKER)  # 8 units
+    await sync(a, b)
+    await a.checkout(item.id, 1)
+    await b.checkout(item.id, 6)
+    await b.edit_item(item.id, {"location": "Truck 2"})
+    await sync(a, b)
+    with pytest.raises(InsufficientStock):
+        await a.checkout(item.id, 2)
+    after = await a.checkout(item.id, 1)
+    assert (after.stock, after.location) == (0, "Truck 2")
+    await b.delete_item(item.id)
+    await sync(a, b)
+    with pytest.raises(ItemNotFound):
+        await a.return_units(item.id, 1)
+
+
 async def test_concurrent_edits_conflict_latest_wins_and_resolve(
     open_store: OpenStore,
 ) -> None:
