@@ -25,7 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import pycrdt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from crdt_store import (
     Alert,
@@ -436,6 +439,47 @@ async def test_corrupt_update_is_refused_and_changes_nothing(tmp_path: Path) -> 
         # The intact update still applies: the refusals were about the bytes, not the doc.
         assert await b.apply_remote(doc, update, origin="A")
         assert (await b.item("SPK001")).stock == 5
+
+
+def _sample_update() -> bytes:
+    """A real update with items, counters and ledger entries, as a peer sends them."""
+    doc: pycrdt.Doc = pycrdt.Doc()  # type: ignore[type-arg]
+    with doc.transaction():
+        for n in range(20):
+            item = doc.get(f"0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f{n:04d}", type=pycrdt.Map)
+            item["name@A"] = [f"Speaker {n}", 3_000_000_000_000 + n]
+            item["stock@A"] = [n, 3_000_000_000_000 + n]
+        moves = doc.get("moves@A", type=pycrdt.Array)
+        moves.extend([[b"\x01" * 16, 3_000_000_000_000, "", b"\x02" * 16, "SPK001", "o", 1, None]])
+    return doc.get_update()
+
+
+SAMPLE_UPDATE = _sample_update()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    cut=st.integers(min_value=1, max_value=len(SAMPLE_UPDATE)),
+    flips=st.lists(
+        st.tuples(st.integers(0, len(SAMPLE_UPDATE) - 1), st.integers(0, 255)), max_size=4
+    ),
+)
+def test_an_update_that_fails_to_decode_changes_nothing(
+    cut: int, flips: list[tuple[int, int]]
+) -> None:
+    """What ``apply_remote`` relies on instead of decoding every update twice: Yrs
+    decodes a whole update before it integrates any of it."""
+    damaged = bytearray(SAMPLE_UPDATE[:cut])
+    for position, value in flips:
+        if position < len(damaged):
+            damaged[position] = value
+    doc: pycrdt.Doc = pycrdt.Doc()  # type: ignore[type-arg]
+    doc.get("0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f0000", type=pycrdt.Map)["name@B"] = ["Mine", 1]
+    before = doc.get_update()
+    try:
+        doc.apply_update(bytes(damaged))
+    except Exception:
+        assert doc.get_update() == before
 
 
 async def test_remote_update_is_stored_before_apply_remote_returns(tmp_path: Path) -> None:
