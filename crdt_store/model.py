@@ -64,6 +64,8 @@ FIELD_DEFAULTS: dict[str, object] = {
 }
 
 FieldValue = str | bool | None
+#: Register fields whose value is any text (``_fits``).
+_TEXT_FIELDS = frozenset({"barcode", "name", "location", "category", "notes"})
 
 
 def _check_text(name: str, value: object, *, required: bool, multiline: bool = False) -> str:
@@ -304,15 +306,26 @@ def _parse_slots(
         if type(value) is not list or len(value) != 2:
             continue
         first, second = value
-        hlc = _as_int(second)
-        if hlc is None:
-            continue
+        # _as_int inlined for the float pycrdt gives back: this loop runs per slot.
+        if type(second) is float and second.is_integer() and abs(second) < 2**53:
+            hlc = int(second)
+        else:
+            checked = _as_int(second)
+            if checked is None:
+                continue
+            hlc = checked
         if name == STOCK_FIELD:
             delta = _as_int(first)
             if delta is not None:
                 counters[station] = (delta, hlc)
-        elif name in FIELD_DEFAULTS and _fits(name, first):
-            registers.setdefault(name, []).append((hlc, station, first))
+        elif (type(first) is str and name in _TEXT_FIELDS) or (
+            name in FIELD_DEFAULTS and _fits(name, first)
+        ):
+            slots = registers.get(name)
+            if slots is None:
+                registers[name] = [(hlc, station, first)]
+            else:
+                slots.append((hlc, station, first))
     return registers, counters
 
 
@@ -348,6 +361,10 @@ def added_item_view(
     )
 
 
+def _slot_order(slot: _RawSlot) -> tuple[int, str]:
+    return slot[0], slot[1]
+
+
 def item_view(item_id: str, raw: Mapping[str, Any]) -> ItemView:
     """Resolve an item map (plain values, as pycrdt's ``to_py`` gives) into a view."""
     registers, counters = _parse_slots(raw)
@@ -357,10 +374,11 @@ def item_view(item_id: str, raw: Mapping[str, Any]) -> ItemView:
     top_hlc = 0
     for name in REGISTER_FIELDS:
         live = registers.get(name)
-        if not live:
+        if live is None:
             continue
-        # Latest write wins: highest HLC, ties (different stations) by station id.
-        best_hlc, _, best_value = max(live, key=lambda slot: (slot[0], slot[1]))
+        # Latest write wins: highest HLC, ties (different stations) by station id; one
+        # station has one slot per field, so the value never decides.
+        best_hlc, _, best_value = live[0] if len(live) == 1 else max(live, key=_slot_order)
         values[name] = best_value
         field_hlcs[name] = best_hlc
         top_hlc = max(top_hlc, best_hlc)

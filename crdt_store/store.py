@@ -24,6 +24,7 @@ import secrets
 import sqlite3
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -200,13 +201,15 @@ class Store:
         self._log_bytes: dict[str, int] = {}
         self._snapshot_bytes: dict[str, int] = {}
         self._known_items: dict[str, int] = {}
-        self._recent_ops: dict[str, None] = {}
+        # OrderedDicts, not dicts: dropping the oldest of a dict with ``next(iter(...))``
+        # walks over every slot deleted before it, 3 us a time during an import.
+        self._recent_ops: OrderedDict[str, None] = OrderedDict()
         #: Items whose index rows wait for a later commit (ordered; see _index_slice).
         self._index_backlog: dict[str, None] = {}
         #: Views of the backlog's next items, resolved during a commit (_prefetch_views).
         self._prefetched: dict[str, ItemView] = {}
         #: Live views of recently used items, the oldest first (see ``_live_view``).
-        self._recent_views: dict[str, ItemView] = {}
+        self._recent_views: OrderedDict[str, ItemView] = OrderedDict()
         self._marker_subscriptions: list[Any] = []
         self._ledger_indexed: dict[tuple[str, str], int] = {}
         #: Whether the outbox is bound to a cloud database (``cloud_use_target``). Until
@@ -590,10 +593,10 @@ class Store:
 
     def _remember_view(self, view: ItemView) -> None:
         recent = self._recent_views
-        recent.pop(view.id, None)
         recent[view.id] = view
+        recent.move_to_end(view.id)
         if len(recent) > RECENT_VIEWS:
-            del recent[next(iter(recent))]
+            recent.popitem(last=False)
 
     def _write_item(self, item_id: str, hlc: int, *, registers: Mapping[str, object]) -> None:
         """One local transaction on an item: register writes and the change marker."""
@@ -636,7 +639,7 @@ class Store:
         for movement in movements:
             self._recent_ops[movement.id] = None
         while len(self._recent_ops) > _RECENT_OPS:
-            del self._recent_ops[next(iter(self._recent_ops))]
+            self._recent_ops.popitem(last=False)
 
     async def _replayed(self, op_id: str | None, item_id: str) -> ItemView | None:
         """The result of an operation already applied under ``op_id``, else ``None``.
