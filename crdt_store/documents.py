@@ -75,8 +75,12 @@ def read_maps(doc: Doc[Any], names: Iterable[str]) -> dict[str, dict[str, Any]]:
     result: dict[str, dict[str, Any]] = {}
     with doc.transaction() as txn:
         raw_txn = txn._txn
+        assert raw_txn is not None
+        roots = doc._doc
         for name in names:
-            integrated = doc.get(name, type=Map).integrated
+            # Straight to Yrs: ``doc.get`` builds a Map wrapper in a nested transaction,
+            # a third of this function's time.
+            integrated = roots.get_or_insert_map(raw_txn, name)
             result[name] = json.loads(integrated.to_json(raw_txn))
     return result
 

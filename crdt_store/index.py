@@ -72,6 +72,10 @@ def bulk(sql: str, rows: Sequence[Sequence[Any]]) -> list[Statement]:
     return statements
 
 
+#: One encoder for every index row: ``json.dumps`` with options builds a new one per call.
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
 def _item_row(view: ItemView) -> tuple[Any, ...]:
     return (
         view.id,
@@ -85,7 +89,7 @@ def _item_row(view: ItemView) -> tuple[Any, ...]:
         view.category,
         int(view.deleted),
         view.hlc,
-        json.dumps(view.to_record(), separators=(",", ":")),
+        _COMPACT_JSON.encode(view.to_record()),
     )
 
 
