@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import math
 import os
 import re
 import secrets
@@ -356,10 +357,14 @@ class Store:
         finally:
             self._closed = True
             self._lookup.close()
-            if self._checkpointer is not None:
-                await self._checkpointer.close()
-            await self._reader.close()
-            await self._db.close()
+            try:
+                if self._checkpointer is not None:
+                    await self._checkpointer.close()
+            finally:
+                try:
+                    await self._reader.close()
+                finally:
+                    await self._db.close()
 
     def _check_open(self) -> None:
         if self._failure is not None:
@@ -505,7 +510,9 @@ class Store:
             doc._exceptions.append(exc)
 
     def _note_markers(self, shard: int, changed: dict[str, dict[str, Any]]) -> None:
-        remote = self._origin != _LOADING
+        """Every marked item is noted as changed before any clock is looked at: the
+        update is merged already, so no bad marker value may leave a view kept."""
+        clocks: list[tuple[str, int | float]] = []
         for key, change in changed.items():
             parts = split_slot_key(key)
             if parts is None or not is_item_id(parts[0]):
@@ -517,8 +524,13 @@ class Store:
             self._recent_views.pop(item_id, None)
             self._known_items[item_id] = shard
             new_value = change.get("newValue")
-            if remote and isinstance(new_value, int | float) and station != self.station_id:
-                self._observe_remote_clock(station, int(new_value))
+            if isinstance(new_value, int | float) and station != self.station_id:
+                clocks.append((station, new_value))
+        if self._origin == _LOADING:
+            return
+        for station, clock in clocks:
+            if not isinstance(clock, bool) and math.isfinite(clock):
+                self._observe_remote_clock(station, int(clock))
 
     def _observe_remote_clock(self, station: str, remote_hlc: int) -> None:
         now = self._now_ms()
@@ -587,6 +599,8 @@ class Store:
                 raise ItemNotFound(item_id)
             view = self._compute_view(item_id)
             self._remember_view(view)
+        else:
+            self._recent_views.move_to_end(item_id)
         if view.deleted:
             raise ItemNotFound(item_id)
         return view
@@ -1131,6 +1145,11 @@ class Store:
     def diff(self, doc_name: str, state_vector: bytes | None = None) -> bytes:
         """The update another replica with ``state_vector`` lacks (all if ``None``)."""
         check_doc_name(doc_name, self.shard_count)
+        if self._batch.to_ledger:
+            # An operation's item change is in memory already; its movement must travel
+            # with it, or a peer could keep a stock change whose movement is lost if
+            # this station stops before the commit.
+            self._write_ledger(self._batch)
         doc = self._docs.get(doc_name)
         if doc is None:
             return Doc().get_update()
@@ -1315,6 +1334,7 @@ class Store:
         if known is not None:
             target = await cloud.state(self._reader, "target") or ""
             self._batch.cloud.extend(cloud.new_target_statements(target))
+            self._cloud_bound = True
         self._batch.cloud.extend(cloud.state_statements({"database": database}))
         await self._commit()
         return known is not None
@@ -1326,6 +1346,7 @@ class Store:
         target = await cloud.state(self._reader, "target") or ""
         database = await cloud.state(self._reader, "database")
         self._batch.cloud.extend(cloud.new_target_statements(target))
+        self._cloud_bound = True
         if database is not None:
             self._batch.cloud.extend(cloud.state_statements({"database": database}))
         await self._commit()
@@ -1546,10 +1567,9 @@ class Store:
                 # Before the next batch opens: the ledger's updates belong to this one.
                 self._write_ledger(batch)
                 self._batch = _Batch(self._loop.create_future())
-                if not batch.is_empty() or self._index_backlog:
+                wrote = not batch.is_empty() or bool(self._index_backlog)
+                if wrote:
                     await self._write(batch)
-                    assert self._checkpointer is not None
-                    self._checkpointer.committed()
             except BaseException as exc:
                 self._failure = exc
                 _LOGGER.critical("commit failed, the store stops: %s", exc)
@@ -1560,6 +1580,8 @@ class Store:
                         pending.done.exception()  # mark retrieved: waiters may be gone
                 raise
             batch.done.set_result(None)
+            if wrote and self._checkpointer is not None:
+                self._checkpointer.committed()
             for update in batch.updates:
                 for callback in list(self._subscribers):
                     try:

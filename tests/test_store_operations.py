@@ -10,6 +10,7 @@ import asyncio
 import sqlite3
 import unicodedata
 
+import pycrdt
 import pytest
 
 from crdt_store import (
@@ -437,6 +438,47 @@ async def test_the_next_operation_sees_a_peers_merged_change(open_store: OpenSto
     await sync(a, b)
     with pytest.raises(ItemNotFound):
         await a.return_units(item.id, 1)
+
+
+async def test_a_checkout_reaches_a_peer_with_its_movement(open_store: OpenStore) -> None:
+    """A checkout's movement joins the ledger as its group commit is written; a peer
+    that asks for changes before that commit still gets the movement with the stock
+    change, never the stock change alone."""
+    a, b = await open_store("A"), await open_store("B")
+    item = await a.add_item(SPEAKER)  # 8 units
+    await sync(a, b)
+    pending = asyncio.ensure_future(a.checkout(item.id, 3))
+    await asyncio.sleep(0)  # the checkout ran up to its commit
+    # Taken at once, as a peer session does, before A's writer gets to run.
+    diffs = {name: a.diff(name, b.state_vector(name)) for name in a.doc_names()}
+    for name, update in diffs.items():
+        await b.apply_remote(name, update, origin="A")
+    assert (await b.item("SPK001")).stock == 5
+    assert [m.op for m in await b.history("SPK001")] == ["add", "checkout"]
+    await pending
+    assert [m.op for m in await a.history("SPK001")] == ["add", "checkout"]
+
+
+async def test_a_bad_change_marker_leaves_no_kept_view_behind(open_store: OpenStore) -> None:
+    """A peer's update whose change marker is not a finite clock (a bad peer) still
+    reaches the next checkout of every item it touched: no view kept from before may
+    let a checkout take units that are gone."""
+    a, b = await open_store("A"), await open_store("B")
+    items = [await a.add_item(NewItem(f"CBL{n:03d}", "XLR cable", qty=9)) for n in range(6)]
+    await sync(a, b)
+    for item in items:
+        await a.checkout(item.id, 1)  # A keeps each item's view: 8 left
+    for item in items:
+        await b.checkout(item.id, 8)
+    for name, doc in b._docs.items():  # B's shards, written by hand as a bad peer would
+        if name.startswith("items/"):
+            markers = doc.get("~changes", type=pycrdt.Map)
+            with doc.transaction():
+                markers[f"{items[0].id}@B"] = float("inf")
+    await sync(a, b)
+    for item in items:
+        with pytest.raises(InsufficientStock):
+            await a.checkout(item.id, 1)
 
 
 async def test_concurrent_edits_conflict_latest_wins_and_resolve(
