@@ -28,6 +28,8 @@ from .fleet import FleetMembership, write_file
 
 #: Revocations this station has verified, kept even if the fleet doc loses them.
 REVOKED_FILE = "revoked.json"
+#: Seconds a stopping station waits for revocations it is writing back to the fleet doc.
+WRITE_BACK_WAIT = 5.0
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -45,16 +47,24 @@ class FleetGuard:
         self._unsubscribe: Callable[[], None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def __enter__(self) -> FleetGuard:
+    async def __aenter__(self) -> FleetGuard:
         self._load_revocations()
         self.refresh()
         self._unsubscribe = self.store.subscribe(self._on_commit)
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
+        """Stop watching the fleet doc, and let revocations being written back finish
+        (a commit each) while the store is still open: a task left pending would die
+        with the store and the entry wait for the next start."""
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        pending = list(self._tasks)
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=WRITE_BACK_WAIT)
+            for task in late:
+                task.cancel("station stopping")
 
     @property
     def membership(self) -> FleetMembership:

@@ -104,7 +104,7 @@ async def run_station(
         max_clock_skew=config.max_clock_skew,
     ) as store:
         await store.set_station_name(config.name)
-        with FleetGuard(store, membership) as guard:
+        async with FleetGuard(store, membership) as guard:
             if warning := guard.certificate_warning():
                 _LOGGER.error("peers will refuse this station%s", warning)
             admin = FleetAdmin(config, guard)

@@ -706,29 +706,41 @@ async def test_a_revocation_overwritten_by_another_station_stays_in_force(
     identity = load_or_create(tmp_path / "office")
     membership = load(tmp_path / "office", identity)
     lost = ca.enroll(tmp_path / "lost")
+    async with (
+        Store.open(tmp_path / "office" / "inventory.db", station_id=identity.station_id) as store,
+        FleetGuard(store, membership) as guard,
+    ):
+        await guard.revoke(lost)
+        assert guard.authorize(lost) is not None
+        # Another station's copy of the fleet doc, with the entry replaced.
+        rogue: pycrdt.Doc = pycrdt.Doc()  # type: ignore[type-arg]
+        rogue.apply_update(store.diff(FLEET_DOC))
+        rogue.get(REVOCATIONS_ROOT, type=pycrdt.Map)[lost] = {"at": 0, "sig": "00" * 64}
+        await store.apply_remote(
+            FLEET_DOC, rogue.get_update(store.state_vector(FLEET_DOC)), "rogue"
+        )
+        assert guard.authorize(lost) is not None
+        await _written_back(store, membership, lost)
+        # Deleted outright: the same.
+        rogue.apply_update(store.diff(FLEET_DOC, rogue.get_state()))
+        del rogue.get(REVOCATIONS_ROOT, type=pycrdt.Map)[lost]
+        await store.apply_remote(
+            FLEET_DOC, rogue.get_update(store.state_vector(FLEET_DOC)), "rogue"
+        )
+        assert guard.authorize(lost) is not None
+        await _written_back(store, membership, lost)
+        # Overwritten once more just before the station stops: the write-back is
+        # finished before the store closes.
+        rogue.apply_update(store.diff(FLEET_DOC, rogue.get_state()))
+        rogue.get(REVOCATIONS_ROOT, type=pycrdt.Map)[lost] = {"at": 1, "sig": "00" * 64}
+        await store.apply_remote(
+            FLEET_DOC, rogue.get_update(store.state_vector(FLEET_DOC)), "rogue"
+        )
     async with Store.open(
         tmp_path / "office" / "inventory.db", station_id=identity.station_id
     ) as store:
-        with FleetGuard(store, membership) as guard:
-            await guard.revoke(lost)
-            assert guard.authorize(lost) is not None
-            # Another station's copy of the fleet doc, with the entry replaced.
-            rogue: pycrdt.Doc = pycrdt.Doc()  # type: ignore[type-arg]
-            rogue.apply_update(store.diff(FLEET_DOC))
-            rogue.get(REVOCATIONS_ROOT, type=pycrdt.Map)[lost] = {"at": 0, "sig": "00" * 64}
-            await store.apply_remote(
-                FLEET_DOC, rogue.get_update(store.state_vector(FLEET_DOC)), "rogue"
-            )
-            assert guard.authorize(lost) is not None
-            await _written_back(store, membership, lost)
-            # Deleted outright: the same.
-            rogue.apply_update(store.diff(FLEET_DOC, rogue.get_state()))
-            del rogue.get(REVOCATIONS_ROOT, type=pycrdt.Map)[lost]
-            await store.apply_remote(
-                FLEET_DOC, rogue.get_update(store.state_vector(FLEET_DOC)), "rogue"
-            )
-            assert guard.authorize(lost) is not None
-            await _written_back(store, membership, lost)
+        entry = store.fleet_entries(REVOCATIONS_ROOT).get(lost)
+        assert entry is not None and pki.verified_revocation(membership.ca_cert, lost, entry)
     # A restart reads what was verified from revoked.json, whatever the doc says: the
     # entry is deleted again while the station is down.
     async with Store.open(
@@ -740,7 +752,7 @@ async def test_a_revocation_overwritten_by_another_station_stays_in_force(
             FLEET_DOC, rogue.get_update(store.state_vector(FLEET_DOC)), "rogue"
         )
         assert lost not in store.fleet_entries(REVOCATIONS_ROOT)
-        with FleetGuard(store, membership) as guard:
+        async with FleetGuard(store, membership) as guard:
             assert guard.authorize(lost) is not None
 
 
@@ -763,20 +775,20 @@ async def test_a_forged_revocation_in_the_fleet_doc_revokes_nobody(tmp_path: Pat
     identity = load_or_create(tmp_path / "office")
     membership = load(tmp_path / "office", identity)
     colleague = ca.enroll(tmp_path / "colleague")
-    async with Store.open(
-        tmp_path / "office" / "inventory.db", station_id=identity.station_id
-    ) as store:
-        with FleetGuard(store, membership) as guard:
-            assert guard.authorize(colleague) is None
-            rogue: pycrdt.Doc = pycrdt.Doc()  # type: ignore[type-arg]
-            rogue.apply_update(store.diff(FLEET_DOC))
-            forged = {"at": 0, "sig": "00" * 64}
-            rogue.get(REVOCATIONS_ROOT, type=pycrdt.Map)[colleague] = forged
-            await store.apply_remote(
-                FLEET_DOC, rogue.get_update(store.state_vector(FLEET_DOC)), "rogue"
-            )
-            assert colleague in store.fleet_entries(REVOCATIONS_ROOT)
-            assert guard.authorize(colleague) is None
+    async with (
+        Store.open(tmp_path / "office" / "inventory.db", station_id=identity.station_id) as store,
+        FleetGuard(store, membership) as guard,
+    ):
+        assert guard.authorize(colleague) is None
+        rogue: pycrdt.Doc = pycrdt.Doc()  # type: ignore[type-arg]
+        rogue.apply_update(store.diff(FLEET_DOC))
+        forged = {"at": 0, "sig": "00" * 64}
+        rogue.get(REVOCATIONS_ROOT, type=pycrdt.Map)[colleague] = forged
+        await store.apply_remote(
+            FLEET_DOC, rogue.get_update(store.state_vector(FLEET_DOC)), "rogue"
+        )
+        assert colleague in store.fleet_entries(REVOCATIONS_ROOT)
+        assert guard.authorize(colleague) is None
 
 
 def test_an_invite_is_single_use_across_restarts_and_bound_to_its_ca(tmp_path: Path) -> None:
