@@ -1,6 +1,7 @@
 """The store's side of the cloud bridge: the push outbox, parked rows and the pull cursor.
 
-Every commit that writes an item's query-index row also marks the item in
+Once the outbox is bound to a cloud database (``Store.cloud_use_target``, which marks
+every item), every commit that writes an item's query-index row also marks the item in
 ``cloud_dirty_items`` (see ``index.view_statements``); new movements wait with
 ``cloud_pushed = 0``. The bridge reads a batch of marked items with their views, pushes it,
 and *confirms* it: a mark is removed only if it is still the one that was read, so an edit
