@@ -304,6 +304,40 @@ def test_a_new_station_joins_with_a_token_and_keeps_its_items(site: Stations) ->
     assert cli_json(c, "fleet", "id") == before[1]
 
 
+def test_a_join_that_cannot_be_done_says_why_and_changes_nothing(site: Stations) -> None:
+    """A station already in the token's fleet, a CA holder with members of its own, and
+    an inviter that is down: each join is refused with its code, exit status 1, and the
+    station stays in the fleet it was in."""
+    office = site.station("office", own_fleet=True)
+    office.start()
+    dock = site.station("dock", own_fleet=True)
+    dock.start()
+    assert dock.cli("fleet", "join", invite(office)["token"]).returncode == 0
+    wait_until("dock enrolled", CONNECT_TIMEOUT, lambda: len(members(office)) == 2)
+    van = site.station("van", own_fleet=True)
+    van.start()
+
+    def refused(daemon: Daemon, token: str) -> str:
+        before = cli_json(daemon, "fleet", "id")
+        result = daemon.cli("--json", "fleet", "join", token)
+        assert result.returncode == 1, (result.stdout, result.stderr)
+        assert cli_json(daemon, "fleet", "id") == before
+        code: str = json.loads(result.stdout)["error"]["code"]
+        return code
+
+    assert refused(dock, invite(office)["token"]) == "already_member"
+    # The office holds its fleet's CA and the dock depends on it.
+    assert refused(office, invite(van)["token"]) == "holds_ca"
+    down = invite(van)["token"]
+    assert van.stop() == 0
+    assert refused(dock, down) == "unreachable"
+
+
+def members(daemon: Daemon) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = cli_json(daemon, "fleet", "members")["members"]
+    return found
+
+
 def test_bad_tokens_are_refused_and_change_nothing(site: Stations) -> None:
     a = site.station("office", own_fleet=True)
     a.start()
