@@ -1209,6 +1209,11 @@ class Store:
             self._origin = LOCAL
         if doc_name not in self._changed_docs:
             return False
+        if doc_name.startswith("items/"):
+            # A merge can integrate slots held back from an earlier update without a
+            # marker of their item in it (the marker came first): no kept view survives
+            # a merge into item documents.
+            self._recent_views.clear()
         for integrated in self._integrated:
             self._batch.updates.append(CommittedUpdate(doc_name, integrated, origin))
         self._integrated.clear()

@@ -333,6 +333,28 @@ def test_a_join_that_cannot_be_done_says_why_and_changes_nothing(site: Stations)
     assert refused(dock, down) == "unreachable"
 
 
+def test_a_revoked_station_cannot_enroll_again(site: Stations) -> None:
+    """Revocation is of the station's key: after moving to another fleet, a revoked
+    station presenting a fresh invite of the fleet that revoked it is refused."""
+    office = site.station("office", own_fleet=True)
+    office.start()
+    dock = site.station("dock", own_fleet=True)
+    dock.start()
+    assert dock.cli("fleet", "join", invite(office)["token"]).returncode == 0
+    wait_until("dock enrolled", CONNECT_TIMEOUT, lambda: len(members(office)) == 2)
+    cli_json(office, "fleet", "revoke", station_id(dock))
+    van = site.station("van", own_fleet=True)
+    van.start()
+    assert dock.cli("fleet", "join", invite(van)["token"]).returncode == 0
+    before = cli_json(dock, "fleet", "id")
+    again = dock.cli("--json", "fleet", "join", invite(office)["token"])
+    assert again.returncode == 1, (again.stdout, again.stderr)
+    assert json.loads(again.stdout)["error"]["code"] == "revoked"
+    assert cli_json(dock, "fleet", "id") == before
+    dock_entry = next(m for m in members(office) if m["station_id"] == station_id(dock))
+    assert dock_entry["revoked"] is True
+
+
 def members(daemon: Daemon) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = cli_json(daemon, "fleet", "members")["members"]
     return found
