@@ -50,8 +50,6 @@ class Checkpointer:
         self._due = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name="store: checkpointer")
         self._closed = False
-        #: Passive checkpoints run so far (for status and tests).
-        self.passes = 0
 
     @classmethod
     async def open(cls, path: Path, *, interval: float = CHECKPOINT_INTERVAL) -> Checkpointer:
@@ -90,5 +88,4 @@ class Checkpointer:
             except aiosqlite.Error as exc:
                 # The writer's own checkpoint still bounds the WAL: log and go on.
                 _LOGGER.warning("WAL checkpoint failed: %s", exc)
-            self.passes += 1
             await asyncio.sleep(self._interval)

@@ -39,7 +39,7 @@ from daemon.config import HostPort
 from daemon.enrollment import ENROLL_PATH
 from daemon.fleet import CA_CERT_FILE, STATION_CERT_FILE, FleetMembership, load
 from daemon.guard import FleetGuard
-from daemon.identity import load_or_create, station_id_of
+from daemon.identity import StationIdentity, load_or_create, station_id_of
 from daemon.invites import (
     PIN_BYTES,
     InviteBook,
@@ -308,12 +308,7 @@ def test_a_join_that_cannot_be_done_says_why_and_changes_nothing(site: Stations)
     """A station already in the token's fleet, a CA holder with members of its own, and
     an inviter that is down: each join is refused with its code, exit status 1, and the
     station stays in the fleet it was in."""
-    office = site.station("office", own_fleet=True)
-    office.start()
-    dock = site.station("dock", own_fleet=True)
-    dock.start()
-    assert dock.cli("fleet", "join", invite(office)["token"]).returncode == 0
-    wait_until("dock enrolled", CONNECT_TIMEOUT, lambda: len(members(office)) == 2)
+    office, dock = office_and_dock(site)
     van = site.station("van", own_fleet=True)
     van.start()
 
@@ -336,12 +331,7 @@ def test_a_join_that_cannot_be_done_says_why_and_changes_nothing(site: Stations)
 def test_a_revoked_station_cannot_enroll_again(site: Stations) -> None:
     """Revocation is of the station's key: after moving to another fleet, a revoked
     station presenting a fresh invite of the fleet that revoked it is refused."""
-    office = site.station("office", own_fleet=True)
-    office.start()
-    dock = site.station("dock", own_fleet=True)
-    dock.start()
-    assert dock.cli("fleet", "join", invite(office)["token"]).returncode == 0
-    wait_until("dock enrolled", CONNECT_TIMEOUT, lambda: len(members(office)) == 2)
+    office, dock = office_and_dock(site)
     cli_json(office, "fleet", "revoke", station_id(dock))
     van = site.station("van", own_fleet=True)
     van.start()
@@ -353,6 +343,17 @@ def test_a_revoked_station_cannot_enroll_again(site: Stations) -> None:
     assert cli_json(dock, "fleet", "id") == before
     dock_entry = next(m for m in members(office) if m["station_id"] == station_id(dock))
     assert dock_entry["revoked"] is True
+
+
+def office_and_dock(site: Stations) -> tuple[Daemon, Daemon]:
+    """Two zero-config stations; the dock joins the office's fleet."""
+    office = site.station("office", own_fleet=True)
+    office.start()
+    dock = site.station("dock", own_fleet=True)
+    dock.start()
+    assert dock.cli("fleet", "join", invite(office)["token"]).returncode == 0
+    wait_until("dock enrolled", CONNECT_TIMEOUT, lambda: len(members(office)) == 2)
+    return office, dock
 
 
 def members(daemon: Daemon) -> list[dict[str, Any]]:
@@ -751,16 +752,21 @@ def test_join_tokens_round_trip_and_garbage_is_a_clean_error() -> None:
     garbage()
 
 
+def office_holding_ca(tmp_path: Path) -> tuple[FleetCA, StationIdentity, FleetMembership]:
+    """A station data dir under ``tmp_path/office`` that holds its fleet's CA."""
+    ca = FleetCA()
+    ca.enroll(tmp_path / "office", holds_ca=True)
+    identity = load_or_create(tmp_path / "office")
+    return ca, identity, load(tmp_path / "office", identity)
+
+
 async def test_a_revocation_overwritten_by_another_station_stays_in_force(
     tmp_path: Path,
 ) -> None:
     """Every enrolled station can write the fleet doc; one that overwrites (or deletes) a
     revocation entry must not un-revoke anyone: the guard keeps what it verified, writes
     the entry back, and remembers it across restarts."""
-    ca = FleetCA()
-    ca.enroll(tmp_path / "office", holds_ca=True)
-    identity = load_or_create(tmp_path / "office")
-    membership = load(tmp_path / "office", identity)
+    ca, identity, membership = office_holding_ca(tmp_path)
     lost = ca.enroll(tmp_path / "lost")
     async with (
         Store.open(tmp_path / "office" / "inventory.db", station_id=identity.station_id) as store,
@@ -826,10 +832,7 @@ async def _written_back(store: Store, membership: FleetMembership, station: str)
 async def test_a_forged_revocation_in_the_fleet_doc_revokes_nobody(tmp_path: Path) -> None:
     """Any enrolled station can write the fleet doc, but only entries signed by the
     fleet CA revoke: a station cannot shut out another by writing an entry for it."""
-    ca = FleetCA()
-    ca.enroll(tmp_path / "office", holds_ca=True)
-    identity = load_or_create(tmp_path / "office")
-    membership = load(tmp_path / "office", identity)
+    ca, identity, membership = office_holding_ca(tmp_path)
     colleague = ca.enroll(tmp_path / "colleague")
     async with (
         Store.open(tmp_path / "office" / "inventory.db", station_id=identity.station_id) as store,
