@@ -132,8 +132,8 @@ RAISE_CLOUD_MARK = (
 def view_statements(
     views: Sequence[ItemView], added: Collection[str] = (), *, cloud_marks: bool = True
 ) -> list[Statement]:
-    """Upsert items, their conflicts and alerts, and (``cloud_marks``) mark them for the
-    cloud bridge.
+    """Upsert items, their conflicts, alerts and concurrent writes, and (``cloud_marks``)
+    mark them for the cloud bridge.
 
     Items are updated in place, not deleted and re-inserted as ``INSERT OR REPLACE``
     would, and only the indexes whose columns changed are written (see
@@ -152,6 +152,7 @@ def view_statements(
         *bulk(_UPSERT_ITEMS, rows),
         *bulk("DELETE FROM conflicts WHERE item_id IN (VALUES {rows})", known),
         *bulk("DELETE FROM alerts WHERE item_id IN (VALUES {rows})", known),
+        *bulk("DELETE FROM concurrent_items WHERE item_id IN (VALUES {rows})", known),
         *bulk(
             "INSERT INTO conflicts (item_id, field) VALUES {rows}",
             [(view.id, c.field) for view in views if not view.deleted for c in view.conflicts],
@@ -159,6 +160,10 @@ def view_statements(
         *bulk(
             "INSERT INTO alerts (item_id, kind) VALUES {rows}",
             [(view.id, kind) for view in views for kind in view.alerts],
+        ),
+        *bulk(
+            "INSERT INTO concurrent_items (item_id) VALUES {rows}",
+            [(view.id,) for view in views if view.concurrent],
         ),
         # Marked for the cloud bridge (RAISE_CLOUD_MARK).
         *bulk(
@@ -210,6 +215,7 @@ async def clear(db: aiosqlite.Connection) -> None:
         "items",
         "conflicts",
         "alerts",
+        "concurrent_items",
         "movements",
         "movement_barcodes",
         "ledger_progress",

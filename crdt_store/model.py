@@ -191,6 +191,11 @@ class ItemView:
     stock_by_station: Mapping[str, int] = field(default_factory=dict)
     stock_hlcs: Mapping[str, int] = field(default_factory=dict)
     field_hlcs: Mapping[str, int] = field(default_factory=dict)
+    #: Whether some field holds live writes of several stations (a conflict, or the
+    #: same value written concurrently). Only such an item can change without a change
+    #: marker: a delete that supersedes one of those writes may reach a station apart
+    #: from the edit that made it (see ``Store._recheck_concurrent``).
+    concurrent: bool = False
 
     @property
     def oversold(self) -> bool:
@@ -231,6 +236,7 @@ class ItemView:
         record["stock_by_station"] = dict(self.stock_by_station)
         record["stock_hlcs"] = dict(self.stock_hlcs)
         record["field_hlcs"] = dict(self.field_hlcs)
+        record["concurrent"] = self.concurrent
         return record
 
     @classmethod
@@ -261,6 +267,7 @@ class ItemView:
             stock_by_station=record["stock_by_station"],
             stock_hlcs=record["stock_hlcs"],
             field_hlcs=record["field_hlcs"],
+            concurrent=record["concurrent"],
         )
 
 
@@ -290,8 +297,10 @@ _RawSlot = tuple[int, str, FieldValue]
 
 def _parse_slots(
     raw: Mapping[str, Any],
-) -> tuple[dict[str, list[_RawSlot]], dict[str, tuple[int, int]]]:
-    """One pass over an item map: well-formed register slots by field, and counters.
+) -> tuple[dict[str, list[_RawSlot]], dict[str, tuple[int, int]], bool]:
+    """One pass over an item map: well-formed register slots by field, counters, and
+    whether some field has slots of several stations (counted before values are checked:
+    a newer peer's slot we cannot read may still supersede one we show).
 
     Slots that do not fit (a peer running a newer version, or a bad peer) are ignored
     rather than allowed to break the view. This runs for every item a checkout, an import
@@ -299,10 +308,17 @@ def _parse_slots(
     """
     registers: dict[str, list[_RawSlot]] = {}
     counters: dict[str, tuple[int, int]] = {}
+    written: set[str] = set()
+    concurrent = False
     for key, value in raw.items():
         name, sep, station = key.rpartition("@")
         if not sep or not name or not station:
             continue
+        if name != STOCK_FIELD:
+            if name in written:
+                concurrent = True
+            else:
+                written.add(name)
         if type(value) is not list or len(value) != 2:
             continue
         first, second = value
@@ -326,7 +342,7 @@ def _parse_slots(
                 registers[name] = [(hlc, station, first)]
             else:
                 slots.append((hlc, station, first))
-    return registers, counters
+    return registers, counters, concurrent
 
 
 def added_item_view(
@@ -367,7 +383,7 @@ def _slot_order(slot: _RawSlot) -> tuple[int, str]:
 
 def item_view(item_id: str, raw: Mapping[str, Any]) -> ItemView:
     """Resolve an item map (plain values, as pycrdt's ``to_py`` gives) into a view."""
-    registers, counters = _parse_slots(raw)
+    registers, counters, concurrent = _parse_slots(raw)
     values: dict[str, object] = dict(FIELD_DEFAULTS)
     field_hlcs: dict[str, int] = {}
     conflicts: list[FieldConflict] = []
@@ -419,6 +435,7 @@ def item_view(item_id: str, raw: Mapping[str, Any]) -> ItemView:
         stock_by_station={station: delta for station, (delta, _) in counters.items()},
         stock_hlcs={station: hlc for station, (_, hlc) in counters.items()},
         field_hlcs=field_hlcs,
+        concurrent=concurrent,
     )
 
 

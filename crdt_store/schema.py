@@ -183,16 +183,25 @@ MIGRATIONS: Sequence[Migration] = (
         DROP INDEX movements_barcode;
         """,
     ),
+    Migration(
+        "008_concurrent_items",
+        """
+        -- Items with live writes of several stations to one field (ItemView.concurrent):
+        -- after a restart, the items a delete arriving without a change marker can
+        -- change. Filled by the index rebuild that INDEX_VERSION 2 asks for.
+        CREATE TABLE concurrent_items (item_id TEXT PRIMARY KEY) WITHOUT ROWID;
+        """,
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
 #: What the documents hold and how (slots, counters, ledger entries), as peers compare it
 #: in their hello. Raise it with a migration that changes the documents; one that only
-#: changes how this station stores them (006, 007) leaves it, so stations upgraded one by one
-#: keep syncing.
+#: changes how this station stores them (006 to 008) leaves it, so stations upgraded one
+#: by one keep syncing.
 DOCUMENT_FORMAT = 5
 #: Bump when the layout of derived index data changes; the store then rebuilds it.
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 
 
 async def schema_version(db: aiosqlite.Connection) -> int:

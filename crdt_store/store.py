@@ -211,6 +211,10 @@ class Store:
         self._prefetched: dict[str, ItemView] = {}
         #: Live views of recently used items, the oldest first (see ``_live_view``).
         self._recent_views: OrderedDict[str, ItemView] = OrderedDict()
+        #: By shard, items some field of which holds writes of several stations, with
+        #: their last view resolved (``None``: not resolved since opening). See
+        #: ``_recheck_concurrent``.
+        self._concurrent: dict[int, dict[str, ItemView | None]] = {}
         self._marker_subscriptions: list[Any] = []
         self._ledger_indexed: dict[tuple[str, str], int] = {}
         #: Whether the outbox is bound to a cloud database (``cloud_use_target``). Until
@@ -409,6 +413,10 @@ class Store:
         async with self._db.execute("SELECT item_id FROM index_pending") as cur:
             async for (item_id,) in cur:
                 self._index_backlog[item_id] = None
+        async with self._db.execute("SELECT item_id FROM concurrent_items") as cur:
+            async for (item_id,) in cur:
+                if (held_in := self._known_items.get(item_id)) is not None:
+                    self._concurrent.setdefault(held_in, {})[item_id] = None
 
     def _new_doc(self, name: str, *, observe: bool = True) -> Doc[Any]:
         doc: Doc[Any] = Doc(client_id=self.client_id)
@@ -518,10 +526,7 @@ class Store:
             if parts is None or not is_item_id(parts[0]):
                 continue
             item_id, station = parts
-            self._batch.touched.add(item_id)
-            self._batch.views.pop(item_id, None)
-            self._prefetched.pop(item_id, None)
-            self._recent_views.pop(item_id, None)
+            self._note_changed(item_id)
             self._known_items[item_id] = shard
             new_value = change.get("newValue")
             if isinstance(new_value, int | float) and station != self.station_id:
@@ -531,6 +536,46 @@ class Store:
         for station, clock in clocks:
             if not isinstance(clock, bool) and math.isfinite(clock):
                 self._observe_remote_clock(station, int(clock))
+
+    def _note_changed(self, item_id: str) -> None:
+        """A peer's change to the item was merged: index it again, forget its views."""
+        self._batch.touched.add(item_id)
+        self._batch.views.pop(item_id, None)
+        self._prefetched.pop(item_id, None)
+        self._recent_views.pop(item_id, None)
+
+    def _recheck_concurrent(self, shard: int) -> None:
+        """Note the items of a shard that a merge changed without a change marker.
+
+        An edit deletes the slots of the field its station has seen. A station that
+        relays the edit before it has one of those slots holds that delete back (Yjs
+        keeps it pending) and leaves it out of what it sends on, so the delete may reach
+        us later on its own, from another peer, with no marker. Such a delete always
+        meets a field that holds the editor's slot as well (it came with the relayed
+        edit), so only items with writes of several stations to one field can change
+        this way: those few are resolved again after every merge into their shard.
+        """
+        held = self._concurrent.get(shard)
+        if not held:
+            return
+        before = dict(held)
+        fresh = self._compute_views(before)
+        for item_id, view in fresh.items():
+            if view != before[item_id]:
+                self._note_changed(item_id)
+
+    def _track_concurrent(self, view: ItemView) -> None:
+        """Keep the latest view of an item with concurrent writes (a view just resolved
+        or just written here), for ``_recheck_concurrent``."""
+        if not view.concurrent and not self._concurrent:
+            return  # the common case, on every checkout and every item of a catch-up
+        shard = shard_of(view.id, self.shard_count)
+        if view.concurrent:
+            self._concurrent.setdefault(shard, {})[view.id] = view
+        elif (held := self._concurrent.get(shard)) is not None:
+            held.pop(view.id, None)
+            if not held:
+                del self._concurrent[shard]
 
     def _observe_remote_clock(self, station: str, remote_hlc: int) -> None:
         now = self._now_ms()
@@ -569,7 +614,9 @@ class Store:
         return documents.read_maps(doc, [item_id])[item_id]
 
     def _compute_view(self, item_id: str) -> ItemView:
-        return item_view(item_id, self._raw_item(item_id))
+        view = item_view(item_id, self._raw_item(item_id))
+        self._track_concurrent(view)
+        return view
 
     def _compute_views(self, item_ids: Iterable[str]) -> dict[str, ItemView]:
         """Views of many items, read with one transaction per shard document (a catch-up
@@ -581,7 +628,8 @@ class Store:
         for shard, ids in by_shard.items():
             raw = documents.read_maps(self._docs[item_doc(shard)], ids)
             for item_id in ids:
-                views[item_id] = item_view(item_id, raw[item_id])
+                view = views[item_id] = item_view(item_id, raw[item_id])
+                self._track_concurrent(view)
         return views
 
     def _live_view(self, item_id: str) -> ItemView:
@@ -711,6 +759,7 @@ class Store:
         self._batch.views[view.id] = view
         self._prefetched.pop(view.id, None)
         self._remember_view(view)
+        self._track_concurrent(view)
 
     async def _commit(self) -> None:
         """Wait until everything done so far is durably stored."""
@@ -1210,6 +1259,7 @@ class Store:
         if doc_name not in self._changed_docs:
             return False
         if doc_name.startswith("items/"):
+            self._recheck_concurrent(int(doc_name.split("/")[1]))
             # A merge can integrate slots held back from an earlier update without a
             # marker of their item in it (the marker came first): no kept view survives
             # a merge into item documents.

@@ -873,6 +873,43 @@ def fleet_directory() -> tempfile.TemporaryDirectory[str]:
     seed=0,
     anti_entropy=False,
 )
+# Station C relays D's rename to A without the delete of B's name it carries (C lacked
+# B's write); the delete reaches A later on its own, from D, with no change marker.
+@example(
+    offsets_s=[9, -101, -62, 118],
+    catalog=[
+        Add(2, "SPK-1", "Speaker", serial=True, qty=0),
+        Add(0, "SPK-1", "Speaker", serial=True, qty=0),
+        Add(0, "SPK-1", "Speaker", serial=True, qty=0),
+        Add(0, "SPK-1", "Speaker", serial=False, qty=0),
+    ],
+    script=[
+        Return(0, item=0, qty=1),
+        Checkout(1, item=52, qty=1, sheet=None),
+        Edit(0, item=0, changes=(("name", 0),)),
+        Wait(1),
+        Checkout(0, item=0, qty=1, sheet="JOB-2"),
+        Wait(95),
+        Checkout(0, item=0, qty=1, sheet=None),
+        Add(1, "SPK-1", "Cable", serial=False, qty=0),
+        Checkout(0, item=0, qty=1, sheet=None),
+        Add(0, "SPK-1", "Speaker", serial=False, qty=0),
+        Return(0, item=0, qty=1),
+        CatchUp(3, first=0),
+        Delete(0, item=0),
+        Edit(3, item=37, changes=(("name", 0),)),
+        Add(0, "SPK-1", "Speaker", serial=False, qty=0),
+        Add(3, "SPK-1", "Speaker", serial=False, qty=0),
+        Duplicate(0, pick=0),
+        Deliver(2, stream=31, count=1),
+        Checkout(0, item=0, qty=1, sheet=None),
+        Checkout(0, item=0, qty=1, sheet=None),
+        Add(0, "SPK-1", "Speaker", serial=False, qty=0),
+        Add(0, "SPK-1", "Speaker", serial=False, qty=0),
+    ],
+    seed=0,
+    anti_entropy=True,
+)
 def test_replicas_converge(
     offsets_s: list[int], catalog: list[Add], script: list[Step], seed: int, anti_entropy: bool
 ) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from crdt_store import (
     AmbiguousBarcode,
+    CommittedUpdate,
     CorruptUpdate,
     InsufficientStock,
     InvalidInput,
@@ -509,6 +510,42 @@ async def test_concurrent_edits_conflict_latest_wins_and_resolve(
     assert (await b.item("SPK001")).location == "Aisle 5"
     assert await b.conflicts() == []
     assert await b.attention_counts() == (0, 0)
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["running", "after a restart"])
+async def test_a_delete_relayed_apart_from_its_edit_reaches_the_view(
+    open_store: OpenStore, restart: bool
+) -> None:
+    """An edit that supersedes another station's write deletes that write's slot; a
+    station relaying the edit before it has the deleted slot holds the delete back and
+    leaves it out of what it sends on. The delete then reaches others on its own, with no
+    change marker: the conflict it ends must still go from the item, the conflict list
+    and (after a restart) from what the index kept."""
+    a, b, c, d = [await open_store(station) for station in "ABCD"]
+    item = await a.add_item(SPEAKER)
+    for other in (b, c, d):
+        await sync(a, other)
+    await b.edit_item(item.id, {"name": "Cable"})
+    await sync(b, d)
+    renames: list[CommittedUpdate] = []
+    stop = d.subscribe(renames.append)
+    await d.edit_item(item.id, {"name": "Speaker"})  # D saw B's write: no conflict
+    stop()
+    for update in renames:  # C gets D's rename, never B's
+        await c.apply_remote(update.doc, update.update, origin="D")
+    await sync(b, a)
+    for name in c.doc_names():  # D's rename through C: its slot without the delete
+        await a.apply_remote(name, c.diff(name, a.state_vector(name)), origin="C")
+    assert [conflict.field for conflict in (await a.item("SPK001")).conflicts] == ["name"]
+    if restart:
+        await a.close()
+        a = await open_store("A")
+    for name in d.doc_names():  # the delete itself, from D
+        await a.apply_remote(name, d.diff(name, a.state_vector(name)), origin="D")
+    view = await a.item("SPK001")
+    assert (view.name, view.conflicts) == ("Speaker", ())
+    assert await a.conflicts() == []
+    assert view == await d.item("SPK001")
 
 
 async def test_sequential_edits_are_not_conflicts(open_store: OpenStore) -> None:
