@@ -410,11 +410,7 @@ class CloudBridge:
     def _failed(self, report: RunReport, exc: Exception) -> None:
         """A failed run: reported, and counted, whatever the cause (the backoff grows
         with the count, so a setting that cannot work does not spin)."""
-        report.error = str(exc) or type(exc).__name__
-        report.finished_at = self._clock()
-        self._health.last_error = f"{report.kind}: {report.error}"
-        self._health.last_error_at = report.finished_at
-        self._health.failures += 1
+        self._count_failure(report, str(exc) or type(exc).__name__)
         if self._health.failures in (1, 10) or self._health.failures % 100 == 0:
             _LOGGER.warning(
                 "cloud %s failed (%d in a row), will retry: %s",
@@ -724,9 +720,12 @@ class CloudBridge:
             _LOGGER.warning("cloud %s stopped: %s", report.kind, exc)
         else:
             _LOGGER.exception("cloud %s failed unexpectedly", report.kind)
-        report.error = f"{type(exc).__name__}: {exc}"
+        self._count_failure(report, f"{type(exc).__name__}: {exc}")
+
+    def _count_failure(self, report: RunReport, error: str) -> None:
+        report.error = error
         report.finished_at = self._clock()
-        self._health.last_error = f"{report.kind}: {report.error}"
+        self._health.last_error = f"{report.kind}: {error}"
         self._health.last_error_at = report.finished_at
         self._health.failures += 1
 

@@ -1372,10 +1372,15 @@ class Store:
         self._check_open()
         if await cloud.state(self._reader, "target") == target:
             return False
-        self._batch.cloud.extend(cloud.new_target_statements(target))
-        self._cloud_bound = True
+        self._cloud_from_scratch(target)
         await self._commit()
         return True
+
+    def _cloud_from_scratch(self, target: str) -> None:
+        """Queue for the coming commit: bind the outbox to ``target``, every item and
+        movement to push again, and the pull from the start."""
+        self._batch.cloud.extend(cloud.new_target_statements(target))
+        self._cloud_bound = True
 
     async def cloud_use_database(self, database: str) -> bool:
         """Record the id the cloud database gave itself; for another id than the one
@@ -1387,9 +1392,7 @@ class Store:
         if known == database:
             return False
         if known is not None:
-            target = await cloud.state(self._reader, "target") or ""
-            self._batch.cloud.extend(cloud.new_target_statements(target))
-            self._cloud_bound = True
+            self._cloud_from_scratch(await cloud.state(self._reader, "target") or "")
         self._batch.cloud.extend(cloud.state_statements({"database": database}))
         await self._commit()
         return known is not None
@@ -1400,8 +1403,7 @@ class Store:
         self._check_open()
         target = await cloud.state(self._reader, "target") or ""
         database = await cloud.state(self._reader, "database")
-        self._batch.cloud.extend(cloud.new_target_statements(target))
-        self._cloud_bound = True
+        self._cloud_from_scratch(target)
         if database is not None:
             self._batch.cloud.extend(cloud.state_statements({"database": database}))
         await self._commit()

@@ -133,7 +133,7 @@ class FleetAdmin:
         except TokenError as exc:
             raise JoinRefused("bad_token", str(exc)) from exc
         async with self._joining:
-            if self.guard.membership.ca_fingerprint[: len(token.ca_pin)] == token.ca_pin:
+            if token.pins(self.guard.membership.ca_fingerprint):
                 raise JoinRefused("already_member", "this station is already in that fleet")
             if time.time() > token.expires_at:
                 raise JoinRefused("token_expired", "this token has expired; ask for a new one")
@@ -183,7 +183,7 @@ class FleetAdmin:
             token = decode_token(token_text)
         except TokenError as exc:
             raise JoinRefused("bad_token", str(exc)) from exc
-        if self.guard.membership.ca_fingerprint[: len(token.ca_pin)] == token.ca_pin:
+        if token.pins(self.guard.membership.ca_fingerprint):
             _LOGGER.info("join token: already a member of fleet %s", self.guard.fleet_id)
             return
         if (self.config.data_dir / JOINED_VIA_FILE).exists():

@@ -17,7 +17,6 @@ answering, records the enrollment in the fleet doc, and never enrolls a revoked 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import ssl
@@ -162,8 +161,7 @@ def _pinned_context(ca_cert: x509.Certificate) -> ssl.SSLContext:
 
 
 def _url(address: HostPort, path: str) -> str:
-    host = f"[{address.host}]" if ":" in address.host else address.host
-    return f"https://{host}:{address.port}{path}"
+    return f"https://{address}{path}"
 
 
 async def enroll(token: JoinToken, identity: StationIdentity, name: str) -> Enrolled:
@@ -198,7 +196,7 @@ async def _enroll_via(
         ca_cert = pki.load_cert(ca_pem, "the fleet certificate")
     except pki.CertificateProblem as exc:
         raise EnrollmentFailed("wrong_fleet", str(exc)) from exc
-    if not hmac.compare_digest(pki.fingerprint(ca_cert)[: len(token.ca_pin)], token.ca_pin):
+    if not token.pins(pki.fingerprint(ca_cert)):
         raise EnrollmentFailed(
             "wrong_fleet",
             f"the station at {address} belongs to another fleet than this token "

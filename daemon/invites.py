@@ -58,6 +58,13 @@ class JoinToken:
     expires_at: int
     addresses: tuple[HostPort, ...]
 
+    def pins(self, ca_fingerprint: bytes) -> bool:
+        """Whether this token was made for the fleet CA with this fingerprint (the pin
+        is its first ``PIN_BYTES``; a decoded token always has all of them)."""
+        return len(self.ca_pin) == PIN_BYTES and hmac.compare_digest(
+            ca_fingerprint[:PIN_BYTES], self.ca_pin
+        )
+
     @property
     def invite_id(self) -> str:
         """Names the invite on the inviting station without revealing the secret."""

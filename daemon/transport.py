@@ -179,8 +179,7 @@ def peer_station_of(ssl_object: Any) -> str:
 
 def _address(peername: Any) -> str:
     if isinstance(peername, tuple) and len(peername) >= 2:
-        host = f"[{peername[0]}]" if ":" in str(peername[0]) else str(peername[0])
-        return f"{host}:{peername[1]}"
+        return str(HostPort(str(peername[0]), int(peername[1])))
     return "unknown"
 
 
@@ -346,8 +345,7 @@ class PeerServer:
 async def dial(address: HostPort, tls: ssl.SSLContext, authorize: Authorize) -> Link:
     """Open a link to a peer. Raises :class:`PeerRefused` when either side refuses the
     other's identity, ``OSError``/``aiohttp.ClientError`` when it cannot be reached."""
-    host = f"[{address.host}]" if ":" in address.host else address.host
-    url = f"wss://{host}:{address.port}{SYNC_PATH}"
+    url = f"wss://{address}{SYNC_PATH}"
     session = aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT)
     )

@@ -739,6 +739,11 @@ def test_join_tokens_round_trip_and_garbage_is_a_clean_error() -> None:
     named = JoinToken(token.ca_pin, token.secret, token.expires_at, (HostPort("office", 7400),))
     assert named.short_form() is None  # the short form carries IP addresses only
     assert decode_token(named.encode()) == named
+    # A token pins the CA whose fingerprint starts with its pin, and no other.
+    assert token.pins(b"\x01" * 32)
+    assert not token.pins(b"\x01" * 15 + b"\x03" * 17)
+    cut = JoinToken(b"\x01" * 4, token.secret, token.expires_at, token.addresses)
+    assert not cut.pins(b"\x01" * 32)  # a short pin pins nothing
 
     @settings(max_examples=300, deadline=None)
     @given(st.text(max_size=200))
