@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
+import os
 import socket
 import ssl
 import threading
@@ -34,10 +35,10 @@ from hypothesis import strategies as st
 from crdt_store import Store
 from crdt_store.documents import REVOCATIONS_ROOT
 from crdt_store.names import FLEET_DOC
-from daemon import pki
+from daemon import fleet, pki
 from daemon.config import HostPort
 from daemon.enrollment import ENROLL_PATH
-from daemon.fleet import CA_CERT_FILE, STATION_CERT_FILE, FleetMembership, load
+from daemon.fleet import CA_CERT_FILE, CA_KEY_FILE, STATION_CERT_FILE, FleetMembership, load
 from daemon.guard import FleetGuard
 from daemon.identity import StationIdentity, load_or_create, station_id_of
 from daemon.invites import (
@@ -876,3 +877,64 @@ def test_an_invite_is_single_use_across_restarts_and_bound_to_its_ca(tmp_path: P
         restarted.redeem(spare.invite_id, spare.proof(other), other, "TRUCK", new_pin)
     assert moved.value.code == "token_unknown"
     assert restarted.open_count() == 1  # the spare is still open for this CA
+
+
+class _PowerCut(Exception):
+    """The machine stopped here."""
+
+
+class _CutAfterRenames:
+    """``os`` for daemon.fleet, where the power goes after ``renames`` renames."""
+
+    def __init__(self, renames: int) -> None:
+        self.left = renames
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+    def replace(self, source: Path, target: Path) -> None:
+        if self.left == 0:
+            raise _PowerCut
+        self.left -= 1
+        os.replace(source, target)
+
+
+#: Renames in a whole switch: two staged certificates written, the CA key retired, the
+#: station certificate and the CA certificate put in place.
+_SWITCH_RENAMES = 5
+
+
+@pytest.mark.parametrize("renames", range(_SWITCH_RENAMES + 1))
+def test_a_fleet_switch_cut_short_anywhere_ends_in_one_fleet_with_the_ca_key_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, renames: int
+) -> None:
+    """Power lost at any step of joining another fleet: the next start finds this station
+    wholly in the old fleet (before both new certificates were written) or wholly in the
+    new one, never a certificate of one beside the CA of the other, and the old fleet's
+    CA key is still on disk, in place or retired under its fleet's name."""
+    old_ca, identity, membership = office_holding_ca(tmp_path)
+    data_dir = membership.data_dir
+    old_key = (data_dir / CA_KEY_FILE).read_bytes()
+    new_ca = FleetCA()
+    new_cert = pki.issue_station_certificate(new_ca.key, new_ca.cert, identity.key.public_key())
+    monkeypatch.setattr(fleet, "os", _CutAfterRenames(renames))
+    if renames < _SWITCH_RENAMES:
+        with pytest.raises(_PowerCut):
+            fleet.install(membership, new_ca.cert, new_cert)
+    else:
+        fleet.install(membership, new_ca.cert, new_cert)
+    monkeypatch.setattr(fleet, "os", os)
+
+    started = fleet.load_or_found(data_dir, identity)  # what the next start reads
+    retired = data_dir / f"retired-{old_ca.fleet_id}-{CA_KEY_FILE}"
+    if renames < 2:  # the new certificates were not both written yet
+        assert started.ca_cert == old_ca.cert
+        assert started.ca_key is not None
+        assert (data_dir / CA_KEY_FILE).read_bytes() == old_key
+        assert not retired.exists()
+    else:
+        assert (started.ca_cert, started.station_cert) == (new_ca.cert, new_cert)
+        assert started.ca_key is None
+        assert not (data_dir / CA_KEY_FILE).exists()
+        assert retired.read_bytes() == old_key
+    assert not list(data_dir.glob("*.new"))
