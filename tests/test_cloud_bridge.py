@@ -52,6 +52,14 @@ def bridge_for(
     )
 
 
+def stand_in_bridge(store: Store, transport: Any, **kwargs: Any) -> CloudBridge:
+    """A bridge whose cloud is ``transport``, a stand-in made to fail in one way (the URL
+    is never dialled)."""
+    return CloudBridge(
+        store, CloudConfig(url="postgresql://x/y"), fleet=FLEET, transport=transport, **kwargs
+    )
+
+
 class Recorder:
     """The real Postgres transport, with every merged batch kept for replays."""
 
@@ -393,12 +401,7 @@ async def test_rows_refused_each_for_its_own_reason_are_all_parked(
 ) -> None:
     store = await open_store("A")
     await store.import_items([NewItem(f"X{i}", f"X {i}") for i in range(5)])
-    bridge = CloudBridge(
-        store,
-        CloudConfig(url="postgresql://x/y"),
-        fleet=FLEET,
-        transport=RefusesEveryRow(same_error=False),
-    )
+    bridge = stand_in_bridge(store, RefusesEveryRow(same_error=False))
     await bridge.start(loop=False)
     try:
         report = await bridge.push_now()
@@ -418,12 +421,7 @@ async def test_a_batch_refused_as_a_whole_parks_nothing_and_backs_off(
     the whole inventory from the cloud until each item changes again."""
     store = await open_store("A")
     await store.import_items([NewItem(f"X{i}", f"X {i}") for i in range(5)])
-    bridge = CloudBridge(
-        store,
-        CloudConfig(url="postgresql://x/y"),
-        fleet=FLEET,
-        transport=RefusesEveryRow(same_error=True),
-    )
+    bridge = stand_in_bridge(store, RefusesEveryRow(same_error=True))
     await bridge.start(loop=False)
     try:
         report = await bridge.push_now()
@@ -500,14 +498,7 @@ async def test_a_setting_that_cannot_work_backs_off_instead_of_spinning(
             enough.set()
         await asyncio.sleep(0.001)
 
-    bridge = CloudBridge(
-        store,
-        CloudConfig(url="postgresql://x/y"),
-        fleet=FLEET,
-        transport=Misconfigured(),
-        sleep=fake_sleep,
-        draw=lambda: 1.0,
-    )
+    bridge = stand_in_bridge(store, Misconfigured(), sleep=fake_sleep, draw=lambda: 1.0)
     async with bridge:
         await asyncio.wait_for(enough.wait(), 30)
         status = await bridge.status()
@@ -544,13 +535,7 @@ async def test_a_store_error_does_not_end_the_loop(open_store: OpenStore) -> Non
         rounds.append(seconds)
         await asyncio.sleep(0.001)
 
-    bridge = CloudBridge(
-        store,
-        CloudConfig(url="postgresql://x/y"),
-        fleet=FLEET,
-        transport=StoreFailsOnce(),
-        sleep=fake_sleep,
-    )
+    bridge = stand_in_bridge(store, StoreFailsOnce(), sleep=fake_sleep)
     async with bridge:
         await asyncio.wait_for(second_round.wait(), 30)
         for _ in range(100):
@@ -893,9 +878,7 @@ async def test_a_pull_gets_past_changes_it_cannot_read(open_store: OpenStore) ->
             pass
 
     transport = Garbled()
-    bridge = CloudBridge(
-        store, CloudConfig(url="postgresql://x/y"), fleet=FLEET, transport=transport
-    )
+    bridge = stand_in_bridge(store, transport)
     await bridge.start(loop=False)
     try:
         assert (await bridge.push_now()).ok
