@@ -192,10 +192,11 @@ class ItemView:
     stock_hlcs: Mapping[str, int] = field(default_factory=dict)
     field_hlcs: Mapping[str, int] = field(default_factory=dict)
     #: Whether some field holds live writes of several stations (a conflict, or the
-    #: same value written concurrently). Only such an item can change without a change
-    #: marker: a delete that supersedes one of those writes may reach a station apart
-    #: from the edit that made it (see ``Store._recheck_concurrent``).
-    concurrent: bool = False
+    #: same value written concurrently): a delete that supersedes one of them may reach
+    #: a station apart from the edit that made it (see ``Store._recheck_concurrent``).
+    #: Bookkeeping of the store, not part of what a person sees: not compared, and not
+    #: kept in index records (the ``concurrent_items`` table is).
+    concurrent: bool = field(default=False, compare=False)
 
     @property
     def oversold(self) -> bool:
@@ -236,7 +237,6 @@ class ItemView:
         record["stock_by_station"] = dict(self.stock_by_station)
         record["stock_hlcs"] = dict(self.stock_hlcs)
         record["field_hlcs"] = dict(self.field_hlcs)
-        record["concurrent"] = self.concurrent
         return record
 
     @classmethod
@@ -267,7 +267,6 @@ class ItemView:
             stock_by_station=record["stock_by_station"],
             stock_hlcs=record["stock_hlcs"],
             field_hlcs=record["field_hlcs"],
-            concurrent=record["concurrent"],
         )
 
 

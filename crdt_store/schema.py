@@ -188,8 +188,10 @@ MIGRATIONS: Sequence[Migration] = (
         """
         -- Items with live writes of several stations to one field (ItemView.concurrent):
         -- after a restart, the items a delete arriving without a change marker can
-        -- change. Filled by the index rebuild that INDEX_VERSION 2 asks for.
+        -- change. The store fills it from the documents on the next start (meta key
+        -- concurrent_items = 'unfilled'), without rebuilding the rest of the index.
         CREATE TABLE concurrent_items (item_id TEXT PRIMARY KEY) WITHOUT ROWID;
+        INSERT OR REPLACE INTO meta (key, value) VALUES ('concurrent_items', 'unfilled');
         """,
     ),
 )
@@ -201,7 +203,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 #: by one keep syncing.
 DOCUMENT_FORMAT = 5
 #: Bump when the layout of derived index data changes; the store then rebuilds it.
-INDEX_VERSION = 2
+INDEX_VERSION = 1
 
 
 async def schema_version(db: aiosqlite.Connection) -> int:

@@ -212,9 +212,9 @@ class Store:
         #: Live views of recently used items, the oldest first (see ``_live_view``).
         self._recent_views: OrderedDict[str, ItemView] = OrderedDict()
         #: By shard, items some field of which holds writes of several stations, with
-        #: their last view resolved (``None``: not resolved since opening). See
-        #: ``_recheck_concurrent``.
-        self._concurrent: dict[int, dict[str, ItemView | None]] = {}
+        #: how many slots each had when its view was last resolved or written here
+        #: (``_recheck_concurrent``).
+        self._concurrent: dict[int, dict[str, int]] = {}
         self._marker_subscriptions: list[Any] = []
         self._ledger_indexed: dict[tuple[str, str], int] = {}
         #: Whether the outbox is bound to a cloud database (``cloud_use_target``). Until
@@ -329,6 +329,7 @@ class Store:
             store._cloud_bound = await cloud.state(db, "target") is not None
             await store._load()
             await store._ensure_index(meta)
+            await store._fill_concurrent_items(await _read_meta(db))
             store._checkpointer = await Checkpointer.open(db_path)
         except BaseException:
             store._lookup.close()
@@ -414,9 +415,10 @@ class Store:
             async for (item_id,) in cur:
                 self._index_backlog[item_id] = None
         async with self._db.execute("SELECT item_id FROM concurrent_items") as cur:
-            async for (item_id,) in cur:
-                if (held_in := self._known_items.get(item_id)) is not None:
-                    self._concurrent.setdefault(held_in, {})[item_id] = None
+            concurrent = [item_id for (item_id,) in await cur.fetchall()]
+        # Counted from the documents: the index rows of these items match them (or the
+        # items are in the backlog, resolved again anyway).
+        self._hold_concurrent(item_id for item_id in concurrent if item_id in self._known_items)
 
     def _new_doc(self, name: str, *, observe: bool = True) -> Doc[Any]:
         doc: Doc[Any] = Doc(client_id=self.client_id)
@@ -449,6 +451,26 @@ class Store:
             markers = documents.changes_map(doc)
             callback = partial(self._on_item_markers, int(name.split("/")[1]), doc)
             self._marker_subscriptions.append(markers.integrated.observe(callback))
+
+    async def _fill_concurrent_items(self, meta: Mapping[str, str]) -> None:
+        """Find the items with concurrent writes once, after migration 008: every item is
+        resolved (a second or two at 100k items) but only that list is written."""
+        if meta.get("concurrent_items") != "unfilled":
+            return
+        items = list(self._known_items)
+        found: list[tuple[str]] = []
+        for start in range(0, len(items), INDEX_SLICE):
+            views = self._compute_views(items[start : start + INDEX_SLICE]).values()
+            found += [(view.id,) for view in views if view.concurrent]
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            await self._db.execute("DELETE FROM concurrent_items")
+            await self._db.executemany("INSERT INTO concurrent_items (item_id) VALUES (?)", found)
+            await _set_meta(self._db, {"concurrent_items": "filled"})
+            await self._db.commit()
+        except BaseException:
+            await self._db.rollback()
+            raise
 
     async def _ensure_index(self, meta: Mapping[str, str]) -> None:
         """Rebuild the query index when its layout changed or rows are missing."""
@@ -487,7 +509,9 @@ class Store:
                 "INSERT INTO ledger_progress (doc, station, count) VALUES (?, ?, ?)",
                 [(doc, station, count) for (doc, station), count in progress.items()],
             )
-            await _set_meta(self._db, {"index_version": INDEX_VERSION})
+            await _set_meta(
+                self._db, {"index_version": INDEX_VERSION, "concurrent_items": "filled"}
+            )
             await self._db.commit()
         except BaseException:
             await self._db.rollback()
@@ -545,37 +569,50 @@ class Store:
         self._recent_views.pop(item_id, None)
 
     def _recheck_concurrent(self, shard: int) -> None:
-        """Note the items of a shard that a merge changed without a change marker.
+        """Note the items of a shard that a merge changed without their change marker.
 
         An edit deletes the slots of the field its station has seen. A station that
         relays the edit before it has one of those slots holds that delete back (Yjs
         keeps it pending) and leaves it out of what it sends on, so the delete may reach
-        us later on its own, from another peer, with no marker. Such a delete always
-        meets a field that holds the editor's slot as well (it came with the relayed
-        edit), so only items with writes of several stations to one field can change
-        this way: those few are resolved again after every merge into their shard.
+        us later on its own, from another peer, with no marker. Such a delete meets a
+        field that holds the editor's slot, or a later one, as well (they came with the
+        relayed edit): only items with writes of several stations to one field change
+        this way, and they lose a slot. So after every merge into a shard, the slots of
+        those few items are counted (no values are read) against the count their view
+        was resolved from.
         """
         held = self._concurrent.get(shard)
         if not held:
             return
-        before = dict(held)
-        fresh = self._compute_views(before)
-        for item_id, view in fresh.items():
-            if view != before[item_id]:
+        counts = documents.slot_counts(self._docs[item_doc(shard)], held)
+        for item_id, count in counts.items():
+            if count != held[item_id]:
                 self._note_changed(item_id)
 
-    def _track_concurrent(self, view: ItemView) -> None:
-        """Keep the latest view of an item with concurrent writes (a view just resolved
-        or just written here), for ``_recheck_concurrent``."""
-        if not view.concurrent and not self._concurrent:
-            return  # the common case, on every checkout and every item of a catch-up
-        shard = shard_of(view.id, self.shard_count)
-        if view.concurrent:
-            self._concurrent.setdefault(shard, {})[view.id] = view
-        elif (held := self._concurrent.get(shard)) is not None:
-            held.pop(view.id, None)
-            if not held:
-                del self._concurrent[shard]
+    def _track_concurrent(self, view: ItemView, slots: int | None = None) -> None:
+        """Count the slots of an item with concurrent writes whose view was just
+        resolved (from ``slots`` of them) or kept after a local write, for
+        ``_recheck_concurrent``; forget an item that has no concurrent writes now."""
+        if not view.concurrent:
+            if self._concurrent:  # else the common case: nothing to forget
+                shard = shard_of(view.id, self.shard_count)
+                held = self._concurrent.get(shard)
+                if held is not None and held.pop(view.id, None) is not None and not held:
+                    del self._concurrent[shard]
+            return
+        if slots is None:
+            self._hold_concurrent([view.id])
+        else:
+            self._concurrent.setdefault(shard_of(view.id, self.shard_count), {})[view.id] = slots
+
+    def _hold_concurrent(self, item_ids: Iterable[str]) -> None:
+        """Track items with concurrent writes, counting their slots in the documents."""
+        by_shard: dict[int, list[str]] = {}
+        for item_id in item_ids:
+            by_shard.setdefault(shard_of(item_id, self.shard_count), []).append(item_id)
+        for shard, ids in by_shard.items():
+            counts = documents.slot_counts(self._docs[item_doc(shard)], ids)
+            self._concurrent.setdefault(shard, {}).update(counts)
 
     def _observe_remote_clock(self, station: str, remote_hlc: int) -> None:
         now = self._now_ms()
@@ -614,8 +651,9 @@ class Store:
         return documents.read_maps(doc, [item_id])[item_id]
 
     def _compute_view(self, item_id: str) -> ItemView:
-        view = item_view(item_id, self._raw_item(item_id))
-        self._track_concurrent(view)
+        raw = self._raw_item(item_id)
+        view = item_view(item_id, raw)
+        self._track_concurrent(view, len(raw))
         return view
 
     def _compute_views(self, item_ids: Iterable[str]) -> dict[str, ItemView]:
@@ -628,8 +666,9 @@ class Store:
         for shard, ids in by_shard.items():
             raw = documents.read_maps(self._docs[item_doc(shard)], ids)
             for item_id in ids:
-                view = views[item_id] = item_view(item_id, raw[item_id])
-                self._track_concurrent(view)
+                slots = raw[item_id]
+                view = views[item_id] = item_view(item_id, slots)
+                self._track_concurrent(view, len(slots))
         return views
 
     def _live_view(self, item_id: str) -> ItemView:

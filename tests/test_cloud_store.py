@@ -378,3 +378,25 @@ async def test_another_database_id_starts_the_outbox_over(store: Store) -> None:
     await store.cloud_start_over()
     assert (await store.cloud_backlog()).items == 1 and await store.cloud_cursor() is None
     assert await store.cloud_use_database("two") is False, "the id stays recorded"
+
+
+async def test_an_item_with_a_conflict_is_pushed_again_only_when_it_changes(
+    open_store: OpenStore,
+) -> None:
+    """Items holding concurrent writes are checked after every merge into their shard
+    (a delete may reach them without a change marker). Across a restart, a merge that
+    does not touch them must not mark them for the cloud again."""
+    a, b = await open_store("A", shard_count=1), await open_store("B", shard_count=1)
+    speaker = await a.add_item(NewItem("SPK001", "Speaker", qty=8))
+    cable = await a.add_item(NewItem("CBL001", "Cable", qty=50))
+    await sync_pair(a, b)
+    await a.edit_item(speaker.id, {"name": "Speaker (pair)"})
+    await b.edit_item(speaker.id, {"name": "Speaker main"})
+    await sync_pair(a, b)
+    assert [view.barcode for view in await a.conflicts()] == ["SPK001"]
+    await drain(a)
+    await a.close()
+    a = await open_store("A", shard_count=1)
+    await b.checkout(cable.id, 2)
+    await sync_pair(a, b)
+    assert await drain(a) == [cable.id]

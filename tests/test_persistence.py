@@ -46,7 +46,7 @@ from crdt_store import (
     UnknownDocument,
 )
 from crdt_store.checkpoint import CHECKPOINT_INTERVAL
-from crdt_store.schema import INDEX_VERSION, SCHEMA_VERSION, migrate
+from crdt_store.schema import SCHEMA_VERSION, migrate
 from crdt_store.store import INDEX_SLICE, check_sqlite
 
 SHARDS = 8
@@ -293,24 +293,20 @@ async def build_old_database(current: Path, old: Path, version: int) -> None:
         6: {},  # the update log stored in write order: same rows
         7: {"movement_barcodes": "barcode, item_id"},
     }
-    # The index layout (INDEX_VERSION) each schema version was written with: an upgrade
-    # across a change of it rebuilds the index from the documents.
-    index_version = 1 if version < 8 else INDEX_VERSION
     assert set(range(1, version + 1)) <= tables.keys(), f"describe version {version} here"
     async with aiosqlite.connect(old, isolation_level=None) as db:
         await db.execute("PRAGMA journal_mode = WAL")
         assert await migrate(db, str(old), target=version) == 0
         await db.execute("ATTACH DATABASE ? AS current", (str(current),))
         await db.execute("BEGIN IMMEDIATE")
-        await db.execute(
-            "INSERT OR REPLACE INTO main.meta SELECT * FROM current.meta "
-            "WHERE key != 'index_version'"
+        # Version 1 had no query index, so no index_version either; before 8, nothing
+        # said whether concurrent_items was filled.
+        skip_meta = "key != 'concurrent_items'" + (
+            "" if version >= 2 else " AND key != 'index_version'"
         )
-        if version >= 2:  # version 1 had no query index, so no index_version either
-            await db.execute(
-                "INSERT OR REPLACE INTO main.meta (key, value) VALUES ('index_version', ?)",
-                (str(index_version),),
-            )
+        await db.execute(
+            f"INSERT OR REPLACE INTO main.meta SELECT * FROM current.meta WHERE {skip_meta}"
+        )
         for number in range(1, version + 1):
             for table, columns in tables[number].items():
                 await db.execute(
@@ -323,7 +319,7 @@ async def build_old_database(current: Path, old: Path, version: int) -> None:
 
 @pytest.mark.parametrize("version", [SCHEMA_VERSION - 1, SCHEMA_VERSION - 2, 1])
 async def test_upgrade_from_an_older_schema_keeps_everything(
-    populated: tuple[Path, Seen], tmp_path: Path, version: int
+    populated: tuple[Path, Seen], tmp_path: Path, version: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     current, before = populated
     old = tmp_path / f"v{version}.db"
@@ -332,12 +328,14 @@ async def test_upgrade_from_an_older_schema_keeps_everything(
         assert not table_rows(old, "SELECT name FROM sqlite_master WHERE name = 'items'")
     async with Store.open(old, station_id="A", shard_count=SHARDS) as store:
         assert await seen(store) == before
+        # Only a file without a query index has one built; the others keep theirs.
+        assert ("rebuilding the query index" in caplog.text) == (version == 1)
         # Writing works on the upgraded file (every table the current code writes exists).
         light = await store.item("LGT001")
         await store.checkout(light.id, 1, sheet="JOB-1")
     assert user_version(old) == SCHEMA_VERSION
-    # The index rebuilt on the way knows which items hold concurrent writes (SPK001's
-    # names, MIX001's checkouts): a delete that reaches them alone is still seen.
+    # The upgrade found the items that hold concurrent writes (SPK001's names, MIX001's
+    # checkouts): a delete that reaches them alone is still seen.
     concurrent = "SELECT item_id FROM concurrent_items ORDER BY item_id"
     assert len(table_rows(current, concurrent)) == 2
     assert table_rows(old, concurrent) == table_rows(current, concurrent)
