@@ -23,8 +23,9 @@ No SQL and no clocks here: the caller passes HLC values in.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from pycrdt import Array, Doc, Map
@@ -66,6 +67,20 @@ def changes_map(doc: Doc[Any]) -> Map[Any]:
     return markers
 
 
+@contextlib.contextmanager
+def _in_yrs(doc: Doc[Any]) -> Iterator[tuple[Any, Any]]:
+    """The Yrs document and transaction under pycrdt's (the caller's, or a new one).
+
+    Root maps are then reached with ``get_or_insert_map`` straight from Yrs: ``doc.get``
+    builds a pycrdt wrapper in a nested transaction, which cost more than the reads and
+    writes done here (a third of ``read_maps``).
+    """
+    with doc.transaction() as txn:
+        raw_txn = txn._txn
+        assert raw_txn is not None
+        yield doc._doc, raw_txn
+
+
 def read_maps(doc: Doc[Any], names: Iterable[str]) -> dict[str, dict[str, Any]]:
     """Plain-value copies of several root Maps in one read transaction.
 
@@ -73,26 +88,17 @@ def read_maps(doc: Doc[Any], names: Iterable[str]) -> dict[str, dict[str, Any]]:
     8-field item), which matters when a catch-up sync re-indexes thousands of items.
     """
     result: dict[str, dict[str, Any]] = {}
-    with doc.transaction() as txn:
-        raw_txn = txn._txn
-        assert raw_txn is not None
-        roots = doc._doc
+    with _in_yrs(doc) as (roots, txn):
         for name in names:
-            # Straight to Yrs: ``doc.get`` builds a Map wrapper in a nested transaction,
-            # a third of this function's time.
-            integrated = roots.get_or_insert_map(raw_txn, name)
-            result[name] = json.loads(integrated.to_json(raw_txn))
+            result[name] = json.loads(roots.get_or_insert_map(txn, name).to_json(txn))
     return result
 
 
 def slot_counts(doc: Doc[Any], names: Iterable[str]) -> dict[str, int]:
     """How many entries each of several root Maps has (about 1 us each: no values are
     read)."""
-    with doc.transaction() as txn:
-        raw_txn = txn._txn
-        assert raw_txn is not None
-        roots = doc._doc
-        return {name: roots.get_or_insert_map(raw_txn, name).len(raw_txn) for name in names}
+    with _in_yrs(doc) as (roots, txn):
+        return {name: roots.get_or_insert_map(txn, name).len(txn) for name in names}
 
 
 def root_names(doc: Doc[Any]) -> list[str]:
@@ -162,14 +168,11 @@ def set_own_stock(doc: Doc[Any], item_id: str, station: str, total: int, hlc: in
     Straight to Yrs, as a checkout's only document write: pycrdt's wrappers of the item
     and marker maps (a transaction and a type check each) cost more than the write.
     """
-    with doc.transaction() as txn:
-        raw = txn._txn
-        assert raw is not None
-        roots = doc._doc
-        roots.get_or_insert_map(raw, item_id).insert(
-            raw, slot_key(STOCK_FIELD, station), [total, hlc]
+    with _in_yrs(doc) as (roots, txn):
+        roots.get_or_insert_map(txn, item_id).insert(
+            txn, slot_key(STOCK_FIELD, station), [total, hlc]
         )
-        roots.get_or_insert_map(raw, CHANGES_ROOT).insert(raw, slot_key(item_id, station), hlc)
+        roots.get_or_insert_map(txn, CHANGES_ROOT).insert(txn, slot_key(item_id, station), hlc)
 
 
 def add_stock_once(item: Map[Any], writer: str, delta: int, hlc: int) -> bool:

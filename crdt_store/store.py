@@ -462,15 +462,17 @@ class Store:
         for start in range(0, len(items), INDEX_SLICE):
             views = self._compute_views(items[start : start + INDEX_SLICE]).values()
             found += [(view.id,) for view in views if view.concurrent]
-        await self._db.execute("BEGIN IMMEDIATE")
-        try:
-            await self._db.execute("DELETE FROM concurrent_items")
-            await self._db.executemany("INSERT INTO concurrent_items (item_id) VALUES (?)", found)
-            await _set_meta(self._db, {"concurrent_items": "filled"})
-            await self._db.commit()
-        except BaseException:
-            await self._db.rollback()
-            raise
+        await _transaction(
+            self._db,
+            [
+                ("DELETE FROM concurrent_items", [()]),
+                *index.bulk("INSERT INTO concurrent_items (item_id) VALUES {rows}", found),
+                (
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                    [("concurrent_items", "filled")],
+                ),
+            ],
+        )
 
     async def _ensure_index(self, meta: Mapping[str, str]) -> None:
         """Rebuild the query index when its layout changed or rows are missing."""
