@@ -47,7 +47,7 @@ from crdt_store import (
 )
 from crdt_store.checkpoint import CHECKPOINT_INTERVAL
 from crdt_store.schema import SCHEMA_VERSION, migrate
-from crdt_store.store import INDEX_SLICE, check_sqlite
+from crdt_store.store import INDEX_SLICE, LEDGER_STEP, check_sqlite
 
 SHARDS = 8
 BARCODES = ("SPK001", "CBL010", "MIX001", "DUP001", "LGT001", "CASE01")
@@ -635,6 +635,31 @@ async def test_a_restored_older_copy_gets_a_new_client_id(tmp_path: Path) -> Non
     async with Store.open(path, station_id="A", shard_count=SHARDS) as store:
         assert store.client_id != used_after_backup
         assert (await store.item("SPK001")).stock == 8
+
+
+async def test_a_large_import_reaches_the_ledger_whole_in_several_updates(
+    tmp_path: Path,
+) -> None:
+    """An import larger than one ledger step is appended in several transactions (see
+    ``Store._write_ledger``): every movement is still in the history, after a restart
+    and at a peer that merges the updates the import handed to subscribers."""
+    count = 2 * LEDGER_STEP + 50
+    committed: list[CommittedUpdate] = []
+    paths = {station: tmp_path / f"{station}.db" for station in "AB"}
+    async with Store.open(paths["A"], station_id="A") as source:
+        source.subscribe(committed.append)
+        await source.import_items([NewItem(f"XLR{i:04d}", f"XLR cable {i}") for i in range(count)])
+    assert len([update for update in committed if update.doc.startswith("ledger/")]) == 3
+    async with Store.open(paths["B"], station_id="B") as peer:
+        for update in committed:
+            await peer.apply_remote(update.doc, update.update, origin="A")
+        async with Store.open(paths["A"], station_id="A") as source:
+            for station in (peer, source):
+                for i in (0, LEDGER_STEP, count - 1):
+                    (added,) = await station.history(f"XLR{i:04d}")
+                    assert (added.op, added.station) == ("add", "A")
+    for path in paths.values():
+        assert table_rows(path, "SELECT count(*) FROM movements") == [(count,)]
 
 
 async def _indexed_items(store: Store, expected: int) -> int:
