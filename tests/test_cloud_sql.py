@@ -841,3 +841,91 @@ async def test_only_the_owner_sees_the_migrations_and_bridge_logins_are_members(
     # invsync_bridge is a group: stations log in as its members, never as it.
     with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError):
         await asyncpg.connect(cloud_db.cluster.dsn(cloud_db.name, "invsync_bridge"))
+
+
+STATION_A = "7d0b3c3e-1111-4a4a-9f9f-0000000000aa"
+
+
+async def station_pull(conn: Conn, user: str, cursor: str | None = None) -> dict[str, Any]:
+    """``pull_changes`` as the Supabase station user ``user`` (one bridge of the fleet)."""
+    async with conn.transaction():
+        await conn.execute("set local role authenticated")
+        station_claims = {
+            "sub": user,
+            "role": "authenticated",
+            "app_metadata": {"fleet": FLEET, "invsync_station": True},
+        }
+        await conn.execute(
+            "select set_config('request.jwt.claims', $1, true)", json.dumps(station_claims)
+        )
+        return await pull(conn, cursor)
+
+
+async def logged_changes(admin: Conn) -> list[str]:
+    """Names the web edits still in the change log set, oldest first."""
+    found = await admin.fetch(
+        "select fields -> 'name' ->> 0 as name from public.inventory_changes order by change_id"
+    )
+    return [row["name"] for row in found]
+
+
+async def age(admin: Conn, table: str, column: str, days: int, where: str = "true") -> None:
+    await admin.execute(
+        f"update {table} set {column} = now() - interval '{days} days' where {where}"
+    )
+
+
+async def test_web_edits_every_bridge_has_pulled_are_deleted_after_the_retention(
+    bridge: Conn, web: Conn, admin: Conn
+) -> None:
+    """Two bridges (a Supabase station user and a direct login role): an edit leaves the
+    change log only when it is older than the retention and both have pulled it."""
+    await merge(bridge, batch(new_item()))
+    for name in ("W1", "W2", "W3"):
+        await _web_update(web, f"update public.inventory_items set name = '{name}'")
+    station = await station_pull(web, STATION_A)
+    direct = await pull(bridge)
+    assert len(station["changes"]) == len(direct["changes"]) == 3
+    await age(admin, "public.inventory_changes", "recorded_at", 31)
+
+    # The station user has all three; the direct bridge has not said so yet.
+    station = await station_pull(web, STATION_A, station["cursor"])
+    assert await logged_changes(admin) == ["W1", "W2", "W3"]
+    direct = await pull(bridge, direct["cursor"])
+    assert direct["changes"] == [] and await logged_changes(admin) == []
+
+    # A recent edit stays after both have pulled it; pulling goes on as before.
+    await _web_update(web, "update public.inventory_items set name = 'W4'")
+    station = await station_pull(web, STATION_A, station["cursor"])
+    direct = await pull(bridge, direct["cursor"])
+    assert [c["fields"]["name"][0] for c in direct["changes"]] == ["W4"]
+    await station_pull(web, STATION_A, station["cursor"])
+    await pull(bridge, direct["cursor"])
+    assert await logged_changes(admin) == ["W4"]
+
+
+async def test_a_bridge_that_stopped_pulling_holds_edits_back_only_for_the_retention(
+    bridge: Conn, web: Conn, admin: Conn
+) -> None:
+    await merge(bridge, batch(new_item()))
+    stopped = await pull(bridge)  # the direct bridge pulls once, then goes quiet
+    await _web_update(web, "update public.inventory_items set name = 'W1'")
+    station = await station_pull(web, STATION_A)
+    await age(admin, "public.inventory_changes", "recorded_at", 31)
+    station = await station_pull(web, STATION_A, station["cursor"])
+    assert await logged_changes(admin) == ["W1"]
+
+    # Quiet for longer than the retention: it no longer holds the edit back.
+    await age(admin, "invsync_private.bridge_pulls", "pulled_at", 31, "caller like 'role:%'")
+    station = await station_pull(web, STATION_A, station["cursor"])
+    assert await logged_changes(admin) == []
+    # Back again, it pulls what is left and carries on (W1 reaches it by peer sync).
+    assert (await pull(bridge, stopped["cursor"]))["changes"] == []
+
+    # A longer retention, set by the owner, keeps a 31-day-old edit.
+    await admin.execute("update invsync_private.change_retention set keep = '60 days'")
+    await _web_update(web, "update public.inventory_items set name = 'W2'")
+    station = await station_pull(web, STATION_A, station["cursor"])
+    await age(admin, "public.inventory_changes", "recorded_at", 31)
+    await station_pull(web, STATION_A, station["cursor"])
+    assert await logged_changes(admin) == ["W2"]
