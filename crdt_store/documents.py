@@ -94,6 +94,31 @@ def read_maps(doc: Doc[Any], names: Iterable[str]) -> dict[str, dict[str, Any]]:
     return result
 
 
+#: What ``Map.get`` of Yrs gives for plain values; anything else is a shared type.
+_PLAIN_VALUES = frozenset({list, str, float, int, bool, type(None), dict, bytearray})
+
+
+def read_items(doc: Doc[Any], item_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The slots of several items (root Maps) as plain values, in one read transaction.
+
+    Read key by key: 3.7 us for an 8-slot item against 9.3 us through ``to_json`` and
+    ``json.loads`` (``read_maps``), which was a fifth of a new station's catch-up. Numbers
+    come back as floats, as the item view expects (``model._as_int``). A slot holding a
+    shared type (only a bad peer writes one) makes that item read through JSON, so it
+    resolves exactly as before.
+    """
+    result: dict[str, dict[str, Any]] = {}
+    plain = _PLAIN_VALUES
+    with _in_yrs(doc) as (roots, txn):
+        for item_id in item_ids:
+            item = roots.get_or_insert_map(txn, item_id)
+            slots = {key: item.get(txn, key) for key in item.keys(txn)}
+            if not all(type(value) in plain for value in slots.values()):
+                slots = json.loads(item.to_json(txn))
+            result[item_id] = slots
+    return result
+
+
 def slot_counts(doc: Doc[Any], names: Iterable[str]) -> dict[str, int]:
     """How many entries each of several root Maps has (about 1 us each: no values are
     read)."""
@@ -207,18 +232,20 @@ def ledger_stations(doc: Doc[Any]) -> list[str]:
 
 
 def ledger_tail(doc: Doc[Any], station: str, start: int) -> list[Any]:
-    """Entries of one station's ledger array from ``start`` on (arrays only ever grow)."""
-    moves = doc.get(MOVES_PREFIX + station, type=Array)
-    length = len(moves)
-    if start >= length:
-        return []
-    if length - start <= 1000:
-        # A live update adds an entry or two to a day that may hold 100k: read the tail
-        # only, not the whole array.
-        return list(moves[start:length])
-    with doc.transaction() as txn:
-        entries: list[Any] = json.loads(moves.integrated.to_json(txn._txn))
-    return entries[start:]
+    """Entries of one station's ledger array from ``start`` on (arrays only ever grow).
+
+    Read entry by entry straight from Yrs: a new station reads a whole day of 100k
+    entries at once, and ``to_json`` + ``json.loads`` of it took 0.8-1.2 s against
+    0.2-0.3 s (raw UUIDs come back as bytes, not as lists of numbers). An entry that is a
+    shared type (only a bad peer writes one) is read through JSON, as it was before.
+    """
+    plain = _PLAIN_VALUES
+    with _in_yrs(doc) as (roots, txn):
+        moves = roots.get_or_insert_array(txn, MOVES_PREFIX + station)
+        entries = [moves.get(txn, index) for index in range(start, moves.len(txn))]
+        return [
+            entry if type(entry) in plain else json.loads(entry.to_json(txn)) for entry in entries
+        ]
 
 
 def add_to_sheet(doc: Doc[Any], sheet: str, item_id: str, station: str, delta: int) -> None:

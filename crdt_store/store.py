@@ -652,7 +652,7 @@ class Store:
 
     def _raw_item(self, item_id: str) -> dict[str, Any]:
         doc = self._item_doc(item_id)
-        return documents.read_maps(doc, [item_id])[item_id]
+        return documents.read_items(doc, [item_id])[item_id]
 
     def _compute_view(self, item_id: str) -> ItemView:
         raw = self._raw_item(item_id)
@@ -668,7 +668,7 @@ class Store:
             by_shard.setdefault(shard_of(item_id, self.shard_count), []).append(item_id)
         views: dict[str, ItemView] = {}
         for shard, ids in by_shard.items():
-            raw = documents.read_maps(self._docs[item_doc(shard)], ids)
+            raw = documents.read_items(self._docs[item_doc(shard)], ids)
             for item_id in ids:
                 slots = raw[item_id]
                 view = views[item_id] = item_view(item_id, slots)

@@ -7,8 +7,10 @@ SQLite file) with ``diff``/``apply_remote``, the seam the sync layer uses.
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import unicodedata
+from typing import Any
 
 import pycrdt
 import pytest
@@ -26,8 +28,10 @@ from crdt_store import (
     Store,
     UnknownDocument,
     WrongState,
+    documents,
 )
-from crdt_store.model import Kind, check_field
+from crdt_store.model import Kind, check_field, item_view, movement_from_raw, movement_to_raw
+from crdt_store.names import new_uuid7
 from tests.conftest import OpenStore
 
 
@@ -480,6 +484,68 @@ async def test_a_bad_change_marker_leaves_no_kept_view_behind(open_store: OpenSt
     for item in items:
         with pytest.raises(InsufficientStock):
             await a.checkout(item.id, 1)
+
+
+def test_items_read_key_by_key_resolve_as_read_through_json() -> None:
+    """Items are read from Yrs key by key (``read_items``), not through JSON
+    (``read_maps``): both give the same views, also for slots a bad peer wrote (bytes,
+    integers and floats, a shared type where a value belongs)."""
+    doc: pycrdt.Doc[Any] = pycrdt.Doc()
+    hlc = 3_677_840_929_583_157
+    plain = {"barcode@A": ["SPK001", hlc], "name@A": ["Speaker", hlc], "stock@A": [8, hlc]}
+    odd = {
+        **plain,
+        "notes@C": [b"\x00\x01", hlc + 1],
+        "category@D": b"raw",
+        "stock@E": [2.0, float(hlc + 2)],
+        "kind@F": ["bulk", 2.5],
+        "location@B": pycrdt.Array(["Dock 9", hlc + 3]),
+    }
+    with doc.transaction():
+        for name, slots in (("plain", plain), ("odd", odd)):
+            item = doc.get(name, type=pycrdt.Map)
+            for key, value in slots.items():
+                item[key] = value
+    by_key = documents.read_items(doc, ["plain", "odd"])
+    by_json = documents.read_maps(doc, ["plain", "odd"])
+    views = {name: item_view(name, by_key[name]) for name in by_key}
+    assert views == {name: item_view(name, by_json[name]) for name in by_json}
+    assert (views["plain"].name, views["plain"].stock) == ("Speaker", 8)
+    assert (views["odd"].stock, views["odd"].location) == (10, "Dock 9")
+
+
+def test_ledger_entries_read_one_by_one_decode_as_read_through_json() -> None:
+    """A ledger day is read from Yrs entry by entry (raw UUIDs come back as bytes), not
+    through JSON (lists of numbers): the movements decode the same, also for an entry a
+    bad peer wrote as a shared type or as something else entirely."""
+    doc: pycrdt.Doc[Any] = pycrdt.Doc()
+    hlc = 3_677_840_929_583_157
+    moves = [
+        Movement(
+            new_uuid7(1_800_000_000_000 + n),
+            hlc + n,
+            "A",
+            "ana",
+            new_uuid7(1),
+            f"XLR{n}",
+            "checkout",
+            n + 1,
+            None if n % 2 else "GIG-7",
+        )
+        for n in range(3)
+    ]
+    documents.append_movements(doc, "A", moves)
+    ledger = doc.get("moves@A", type=pycrdt.Array)
+    with doc.transaction():
+        ledger.append(pycrdt.Array(movement_to_raw(moves[0])))  # a shared type: decodes
+        ledger.append("not an entry")
+    entries = documents.ledger_tail(doc, "A", 0)
+    with doc.transaction() as txn:
+        through_json = json.loads(ledger.integrated.to_json(txn._txn))
+    decoded = [movement_from_raw("A", entry) for entry in entries]
+    assert decoded == [movement_from_raw("A", entry) for entry in through_json]
+    assert decoded == [*moves, moves[0], None]
+    assert documents.ledger_tail(doc, "A", 3) == entries[3:]
 
 
 async def test_concurrent_edits_conflict_latest_wins_and_resolve(
