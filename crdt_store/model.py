@@ -13,6 +13,7 @@ Everything here is pure: no pycrdt, no SQL, no clocks.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -333,7 +334,10 @@ def _parse_slots(
             delta = _as_int(first)
             if delta is not None:
                 counters[station] = (delta, hlc)
-        elif (type(first) is str and name in _TEXT_FIELDS) or (
+            continue
+        if type(first) is float and not math.isfinite(first):
+            first = None  # as Yrs' JSON gives it: NaN and infinities are written as null
+        if (type(first) is str and name in _TEXT_FIELDS) or (
             name in FIELD_DEFAULTS and _fits(name, first)
         ):
             slots = registers.get(name)
@@ -541,6 +545,8 @@ def movement_from_raw(station: str, raw: object) -> Movement | None:
         return None
     if not all(isinstance(text, str) for text in (operator, barcode, op)):
         return None
+    if type(sheet) is float and not math.isfinite(sheet):
+        sheet = None  # as Yrs' JSON gives it (see _parse_slots)
     if sheet is not None and not isinstance(sheet, str):
         return None
     name = _OP_NAMES.get(str(op), str(op))

@@ -920,12 +920,19 @@ async def test_a_bridge_that_stopped_pulling_holds_edits_back_only_for_the_reten
     station = await station_pull(web, STATION_A, station["cursor"])
     assert await logged_changes(admin) == []
     # Back again, it pulls what is left and carries on (W1 reaches it by peer sync).
-    assert (await pull(bridge, stopped["cursor"]))["changes"] == []
+    direct = await pull(bridge, stopped["cursor"])
+    assert direct["changes"] == []
 
-    # A longer retention, set by the owner, keeps a 31-day-old edit.
-    await admin.execute("update invsync_private.change_retention set keep = '60 days'")
+    # Both bridges have W2, 31 days old: a retention of 60 days, set by the owner, keeps
+    # it; the default 30 days does not.
     await _web_update(web, "update public.inventory_items set name = 'W2'")
     station = await station_pull(web, STATION_A, station["cursor"])
+    direct = await pull(bridge, direct["cursor"])
     await age(admin, "public.inventory_changes", "recorded_at", 31)
-    await station_pull(web, STATION_A, station["cursor"])
+    await admin.execute("update invsync_private.change_retention set keep = '60 days'")
+    station = await station_pull(web, STATION_A, station["cursor"])
+    await pull(bridge, direct["cursor"])
     assert await logged_changes(admin) == ["W2"]
+    await admin.execute("update invsync_private.change_retention set keep = '30 days'")
+    await station_pull(web, STATION_A, station["cursor"])
+    assert await logged_changes(admin) == []

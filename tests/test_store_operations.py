@@ -7,6 +7,7 @@ SQLite file) with ``diff``/``apply_remote``, the seam the sync layer uses.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sqlite3
 import unicodedata
@@ -501,17 +502,21 @@ def test_items_read_key_by_key_resolve_as_read_through_json() -> None:
         "kind@F": ["bulk", 2.5],
         "location@B": pycrdt.Array(["Dock 9", hlc + 3]),
     }
+    # Yrs' JSON writes NaN and infinities as null, which a sheet accepts.
+    odd_numbers = {**plain, "sheet@A": ["GIG-7", hlc], "sheet@B": [float("nan"), hlc + 1]}
     with doc.transaction():
-        for name, slots in (("plain", plain), ("odd", odd)):
+        for name, slots in (("plain", plain), ("odd", odd), ("odd_numbers", odd_numbers)):
             item = doc.get(name, type=pycrdt.Map)
             for key, value in slots.items():
                 item[key] = value
-    by_key = documents.read_items(doc, ["plain", "odd"])
-    by_json = documents.read_maps(doc, ["plain", "odd"])
+    names = ["plain", "odd", "odd_numbers"]
+    by_key, by_json = documents.read_items(doc, names), documents.read_maps(doc, names)
     views = {name: item_view(name, by_key[name]) for name in by_key}
     assert views == {name: item_view(name, by_json[name]) for name in by_json}
     assert (views["plain"].name, views["plain"].stock) == ("Speaker", 8)
     assert (views["odd"].stock, views["odd"].location) == (10, "Dock 9")
+    sheet = views["odd_numbers"]
+    assert sheet.sheet is None and [c.field for c in sheet.conflicts] == ["sheet"]
 
 
 def test_ledger_entries_read_one_by_one_decode_as_read_through_json() -> None:
@@ -537,15 +542,34 @@ def test_ledger_entries_read_one_by_one_decode_as_read_through_json() -> None:
     documents.append_movements(doc, "A", moves)
     ledger = doc.get("moves@A", type=pycrdt.Array)
     with doc.transaction():
-        ledger.append(pycrdt.Array(movement_to_raw(moves[0])))  # a shared type: decodes
+        # NaN for a sheet: Yrs' JSON gives null, a movement without a sheet.
+        ledger.append([*movement_to_raw(moves[1])[:7], float("nan")])
         ledger.append("not an entry")
-    entries = documents.ledger_tail(doc, "A", 0)
-    with doc.transaction() as txn:
-        through_json = json.loads(ledger.integrated.to_json(txn._txn))
-    decoded = [movement_from_raw("A", entry) for entry in entries]
-    assert decoded == [movement_from_raw("A", entry) for entry in through_json]
-    assert decoded == [*moves, moves[0], None]
-    assert documents.ledger_tail(doc, "A", 3) == entries[3:]
+    no_sheet = dataclasses.replace(moves[1], sheet=None)
+
+    def decoded(start: int) -> tuple[list[Movement | None], list[Movement | None]]:
+        with doc.transaction() as txn:
+            through_json = json.loads(ledger.integrated.to_json(txn._txn))[start:]
+        entries = documents.ledger_tail(doc, "A", start)
+        return (
+            [movement_from_raw("A", entry) for entry in entries],
+            [movement_from_raw("A", entry) for entry in through_json],
+        )
+
+    by_value, by_json = decoded(0)
+    assert by_value == by_json == [*moves, no_sheet, None]
+    assert decoded(3)[0] == [no_sheet, None]
+    # Shared types (a bad peer's): the day is read through JSON, one decodes.
+    bad_entries: list[Any] = [
+        pycrdt.Array(movement_to_raw(moves[0])),
+        pycrdt.Text("x"),
+        pycrdt.Doc(),
+    ]
+    for bad in bad_entries:
+        with doc.transaction():
+            ledger.append(bad)
+    by_value, by_json = decoded(2)
+    assert by_value == by_json == [moves[2], no_sheet, None, moves[0], None, None]
 
 
 async def test_concurrent_edits_conflict_latest_wins_and_resolve(

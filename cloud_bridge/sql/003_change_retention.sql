@@ -154,3 +154,8 @@ begin
     'more', false, 'reset', was_reset, 'database', db_id);
 end
 $$;
+
+-- PostgREST runs a POST to a stable function read-only, and learns volatility from its
+-- schema cache: have it reload now (Supabase's own DDL trigger normally does; on plain
+-- PostgreSQL nobody listens).
+notify pgrst, 'reload schema';
