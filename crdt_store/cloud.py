@@ -22,13 +22,13 @@ Everything here is SQL text and values; the store runs the statements in its gro
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import aiosqlite
 
+from . import index
 from .index import RAISE_CLOUD_MARK, Statement
 from .model import ItemView, Movement
 
@@ -149,12 +149,12 @@ def web_count_writer(change_id: str) -> str:
 async def dirty_items(db: aiosqlite.Connection, limit: int, after: str = "") -> list[DirtyItem]:
     """Marked items with ids after ``after``, in id order (the table's key: no sort)."""
     async with db.execute(
-        "SELECT d.item_id, d.hlc, i.view FROM cloud_dirty_items d "
+        f"SELECT d.hlc, {index.view_columns('i')} FROM cloud_dirty_items d "
         "JOIN items i ON i.id = d.item_id WHERE d.item_id > ? ORDER BY d.item_id LIMIT ?",
         (after, limit),
     ) as cursor:
         rows = await cursor.fetchall()
-    return [DirtyItem(ItemView.from_record(json.loads(view)), int(mark)) for _, mark, view in rows]
+    return [DirtyItem(index.view_of_row(columns), int(mark)) for mark, *columns in rows]
 
 
 async def pending_movements(db: aiosqlite.Connection, limit: int) -> list[Movement]:

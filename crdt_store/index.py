@@ -17,7 +17,7 @@ from typing import Any
 
 import aiosqlite
 
-from .model import ItemView, Movement
+from .model import RECORD_COLUMNS, ItemView, Movement
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,19 +223,41 @@ async def clear(db: aiosqlite.Connection) -> None:
         await db.execute(f"DELETE FROM {table}")
 
 
+def view_columns(table: str = "") -> str:
+    """The columns a view is read back from (``view_of_row``), of ``table`` if given."""
+    prefix = f"{table}." if table else ""
+    return ", ".join(prefix + column for column in (*RECORD_COLUMNS, "view"))
+
+
+#: ``view_columns()``, for the queries of this module.
+_VIEW = view_columns()
+
+
+def view_of_row(row: Sequence[Any]) -> ItemView:
+    """An item's view from its index row, as selected by ``view_columns``.
+
+    The columns complete the record (``ItemView.to_record``); a row written before schema
+    9 has every field in its record as well, with the same values.
+    """
+    record: dict[str, Any] = json.loads(row[-1])
+    record.update(zip(RECORD_COLUMNS, row[:-1], strict=True))
+    record["deleted"] = bool(record["deleted"])
+    return ItemView.from_record(record)
+
+
 def _views(rows: Iterable[Any]) -> list[ItemView]:
-    return [ItemView.from_record(json.loads(row[0])) for row in rows]
+    return [view_of_row(row) for row in rows]
 
 
 async def by_barcode(db: aiosqlite.Connection, barcode: str) -> list[ItemView]:
     async with db.execute(
-        "SELECT view FROM items WHERE barcode = ? AND NOT deleted ORDER BY id", (barcode,)
+        f"SELECT {_VIEW} FROM items WHERE barcode = ? AND NOT deleted ORDER BY id", (barcode,)
     ) as cursor:
         return _views(await cursor.fetchall())
 
 
 async def by_id(db: aiosqlite.Connection, item_id: str) -> ItemView | None:
-    async with db.execute("SELECT view FROM items WHERE id = ?", (item_id,)) as cursor:
+    async with db.execute(f"SELECT {_VIEW} FROM items WHERE id = ?", (item_id,)) as cursor:
         rows = await cursor.fetchall()
     views = _views(rows)
     return views[0] if views else None
@@ -244,7 +266,7 @@ async def by_id(db: aiosqlite.Connection, item_id: str) -> ItemView | None:
 def by_barcode_now(db: sqlite3.Connection, barcode: str) -> list[ItemView]:
     """``by_barcode`` on a plain connection, for lookups answered on the event loop."""
     rows = db.execute(
-        "SELECT view FROM items WHERE barcode = ? AND NOT deleted ORDER BY id", (barcode,)
+        f"SELECT {_VIEW} FROM items WHERE barcode = ? AND NOT deleted ORDER BY id", (barcode,)
     ).fetchall()
     return _views(rows)
 
@@ -258,7 +280,7 @@ def ids_by_barcode_now(db: sqlite3.Connection, barcode: str) -> list[str]:
 
 
 def by_id_now(db: sqlite3.Connection, item_id: str) -> ItemView | None:
-    views = _views(db.execute("SELECT view FROM items WHERE id = ?", (item_id,)).fetchall())
+    views = _views(db.execute(f"SELECT {_VIEW} FROM items WHERE id = ?", (item_id,)).fetchall())
     return views[0] if views else None
 
 
@@ -286,7 +308,7 @@ async def search(
         params += [_like(text)] * 4
     params += [limit, offset]
     sql = (
-        f"SELECT view FROM items WHERE {' AND '.join(where)} "
+        f"SELECT {_VIEW} FROM items WHERE {' AND '.join(where)} "
         "ORDER BY name COLLATE NOCASE, barcode, id LIMIT ? OFFSET ?"
     )
     async with db.execute(sql, params) as cursor:
@@ -295,7 +317,7 @@ async def search(
 
 async def conflicted(db: aiosqlite.Connection) -> list[ItemView]:
     async with db.execute(
-        "SELECT view FROM items WHERE id IN (SELECT item_id FROM conflicts) "
+        f"SELECT {_VIEW} FROM items WHERE id IN (SELECT item_id FROM conflicts) "
         "ORDER BY name COLLATE NOCASE, id"
     ) as cursor:
         return _views(await cursor.fetchall())
@@ -322,11 +344,11 @@ async def attention_counts(db: aiosqlite.Connection) -> tuple[int, int]:
 async def alerts(db: aiosqlite.Connection) -> list[Alert]:
     found: list[Alert] = []
     async with db.execute(
-        "SELECT a.kind, i.view FROM alerts a CROSS JOIN items i ON i.id = a.item_id "
-        "WHERE NOT i.deleted ORDER BY a.kind, i.barcode, i.id"
+        f"SELECT a.kind, {view_columns('i')} FROM alerts a CROSS JOIN items i "
+        "ON i.id = a.item_id WHERE NOT i.deleted ORDER BY a.kind, i.barcode, i.id"
     ) as cursor:
-        for kind, view in await cursor.fetchall():
-            item = ItemView.from_record(json.loads(view))
+        for kind, *columns in await cursor.fetchall():
+            item = view_of_row(columns)
             found.append(Alert(kind, item.barcode, (item,)))
     async with db.execute(
         "SELECT barcode FROM items WHERE NOT deleted GROUP BY barcode HAVING count(*) > 1 "
