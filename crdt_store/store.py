@@ -1905,24 +1905,27 @@ def _check_operator(operator: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class CheckedItem(NewItem):
-    """A :class:`NewItem` as :func:`check_new_item` returns it (made nowhere else): valid
-    and normalised.
+    """A :class:`NewItem` as :func:`check_new_item` returns it: valid and normalised.
 
     The daemon checks every row of an import to report the bad ones by line, and the
     store checks what it is given; an item already checked is not checked again (the
-    second check was a twentieth of an import through the control API).
+    second check was a twentieth of an import through the control API). Only
+    ``check_new_item`` marks one as checked: a ``CheckedItem`` made by hand or by
+    ``dataclasses.replace`` (which does not copy the mark) is checked like any other.
     """
+
+    _checked: bool = field(default=False, init=False, repr=False, compare=False)
 
 
 def check_new_item(new: NewItem) -> CheckedItem:
     """Validate a new item as entered; raises :class:`InvalidInput` naming the field."""
-    if type(new) is CheckedItem:
+    if type(new) is CheckedItem and new._checked:
         return new
     kind = check_field("kind", new.kind)
     if kind == "serial" and new.qty not in (0, 1):
         raise InvalidInput("qty", new.qty, "a serialized unit is one unit")
     qty = check_qty(new.qty, name="qty", minimum=0, maximum=MAX_STOCK)
-    return CheckedItem(
+    checked = CheckedItem(
         barcode=check_barcode(new.barcode),
         name=str(check_field("name", new.name)),
         kind="serial" if kind == "serial" else "bulk",
@@ -1931,6 +1934,8 @@ def check_new_item(new: NewItem) -> CheckedItem:
         category=str(check_field("category", new.category)),
         notes=str(check_field("notes", new.notes)),
     )
+    object.__setattr__(checked, "_checked", True)
+    return checked
 
 
 async def _read_meta(db: aiosqlite.Connection) -> dict[str, str]:

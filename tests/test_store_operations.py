@@ -33,6 +33,7 @@ from crdt_store import (
 )
 from crdt_store.model import Kind, check_field, item_view, movement_from_raw, movement_to_raw
 from crdt_store.names import new_uuid7
+from crdt_store.store import CheckedItem, check_new_item
 from tests.conftest import OpenStore
 
 
@@ -179,6 +180,18 @@ async def test_import_is_all_or_nothing(store: Store) -> None:
     views = await store.import_items(rows)
     assert [view.stock for view in views] == [1, 2, 3, 4, 5]
     assert len(await store.list_items()) == 5
+
+
+async def test_an_item_altered_after_its_check_is_checked_again(store: Store) -> None:
+    """An item the daemon checked is not checked twice, but a copy altered after the
+    check, or one marked checked by hand, is: nothing invalid reaches the documents."""
+    good = check_new_item(NewItem(" SPK001 ", " Speaker "))
+    assert (good.barcode, good.name) == ("SPK001", "Speaker")
+    for bad in (dataclasses.replace(good, barcode="has space"), CheckedItem("X1", "")):
+        with pytest.raises(InvalidInput):
+            await store.import_items([bad])
+    assert await store.list_items() == []
+    assert [view.barcode for view in await store.import_items([good])] == ["SPK001"]
 
 
 async def test_list_and_search(store: Store) -> None:
