@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from cli.client import ApiFailure, ControlClient, item_route
 from tests.daemon_harness import Daemon
@@ -80,6 +80,12 @@ class Stations:
                 if code != 0:
                     unclean.append(f"{daemon.name}: exit status {code}")
         return unclean
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.dispose()
 
     def dispose(self) -> None:
         """Stop everything, show the logs, remove the directory, and fail if a station

@@ -54,11 +54,8 @@ class CloudFleet(Stations):
 
 @pytest.fixture
 def fleet() -> Iterator[CloudFleet]:
-    stations = CloudFleet(short_dir("cl"))
-    try:
+    with CloudFleet(short_dir("cl")) as stations:
         yield stations
-    finally:
-        stations.dispose()
 
 
 def cli(daemon: Daemon, *args: str, ok: bool = True) -> Any:

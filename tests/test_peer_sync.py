@@ -80,11 +80,8 @@ SETTLE_TIMEOUT = 40.0
 
 @pytest.fixture
 def fleet() -> Iterator[Stations]:
-    fleet = Stations(short_dir("ps"))
-    try:
+    with Stations(short_dir("ps")) as fleet:
         yield fleet
-    finally:
-        fleet.dispose()
 
 
 def wait_all_connected(daemons: list[Daemon], timeout: float = DISCOVERY_TIMEOUT) -> None:
@@ -290,8 +287,7 @@ def test_updates_are_relayed_along_a_line_of_stations(fleet: Stations) -> None:
 @pytest.fixture(scope="module")
 def catalog_fleet() -> Iterator[tuple[Stations, Daemon, Daemon]]:
     """Stations A and B sharing a 10 000-item catalog imported on A with ``invsync import``."""
-    fleet = Stations(short_dir("ps"))
-    try:
+    with Stations(short_dir("ps")) as fleet:
         a = fleet.station("office-a")
         fleet.start(a)
         b = fleet.station("dock-b", "--peer", peer_at(a))
@@ -302,8 +298,6 @@ def catalog_fleet() -> Iterator[tuple[Stations, Daemon, Daemon]]:
         assert imported["imported"] == 10_000, imported
         wait_until("dock-b has the catalog", 180, lambda: item_count(b) == 10_000)
         yield fleet, a, b
-    finally:
-        fleet.dispose()
 
 
 def test_new_station_catches_up_with_a_10k_item_fleet(
