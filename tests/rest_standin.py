@@ -27,10 +27,13 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 from aiohttp import web
+
+from daemon.config import CloudConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +143,15 @@ class RestStandIn:
         self._refresh_tokens: dict[str, AuthUser] = {}
         self._runner: web.AppRunner | None = None
         self.url = ""
+
+    def station_config(self, email: str, password_file: Path) -> CloudConfig:
+        """The ``[cloud]`` settings of a station signing in here as ``email``."""
+        return CloudConfig(
+            url=self.url,
+            anon_key=self.anon_key,
+            station_email=email,
+            station_password_file=password_file,
+        )
 
     def add_user(self, email: str, password: str, fleet: str, *, station: bool = True) -> AuthUser:
         user = AuthUser(email, password, fleet, str(uuid.uuid4()), station)

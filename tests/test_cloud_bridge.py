@@ -930,12 +930,7 @@ async def test_push_and_pull_over_both_transports(
             api.add_user("dock-a@example.com", "station password", FLEET)
             password = tmp_path / "password"
             password.write_text("station password\n")
-            config = CloudConfig(
-                url=api.url,
-                anon_key=api.anon_key,
-                station_email="dock-a@example.com",
-                station_password_file=password,
-            )
+            config = api.station_config("dock-a@example.com", password)
         else:
             config = CloudConfig(url=cloud_db.bridge_dsn)
         store = await open_store("A")

@@ -90,12 +90,7 @@ def password_file(tmp_path: Path) -> Path:
 
 
 def rest_config(standin: RestStandIn, password_file: Path) -> CloudConfig:
-    return CloudConfig(
-        url=standin.url,
-        anon_key=standin.anon_key,
-        station_email=EMAIL,
-        station_password_file=password_file,
-    )
+    return standin.station_config(EMAIL, password_file)
 
 
 async def _web_edit(database: CloudDatabase, ident: str, name: str) -> None:
