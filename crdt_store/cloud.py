@@ -28,8 +28,7 @@ from typing import Any, Literal
 
 import aiosqlite
 
-from . import index
-from .index import RAISE_CLOUD_MARK, Statement
+from .index import RAISE_CLOUD_MARK, Statement, view_columns, view_of_row
 from .model import ItemView, Movement
 
 #: The writer name of web edits in an item's slots (``name@cloud``).
@@ -149,12 +148,12 @@ def web_count_writer(change_id: str) -> str:
 async def dirty_items(db: aiosqlite.Connection, limit: int, after: str = "") -> list[DirtyItem]:
     """Marked items with ids after ``after``, in id order (the table's key: no sort)."""
     async with db.execute(
-        f"SELECT d.hlc, {index.view_columns('i')} FROM cloud_dirty_items d "
+        f"SELECT d.hlc, {view_columns('i')} FROM cloud_dirty_items d "
         "JOIN items i ON i.id = d.item_id WHERE d.item_id > ? ORDER BY d.item_id LIMIT ?",
         (after, limit),
     ) as cursor:
         rows = await cursor.fetchall()
-    return [DirtyItem(index.view_of_row(columns), int(mark)) for mark, *columns in rows]
+    return [DirtyItem(view_of_row(columns), int(mark)) for mark, *columns in rows]
 
 
 async def pending_movements(db: aiosqlite.Connection, limit: int) -> list[Movement]:

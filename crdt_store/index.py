@@ -40,9 +40,16 @@ class Alert:
 #: One SQL statement and the parameter rows to run it with (``executemany``).
 Statement = tuple[str, Sequence[Sequence[Any]]]
 
-_ITEM_COLUMNS = (
-    "id, barcode, name, kind, stock, status, sheet, location, category, deleted, hlc, view"
-)
+
+def view_columns(table: str = "") -> str:
+    """The columns of an item's index row, in the order ``_item_row`` writes them and
+    ``view_of_row`` reads them, of ``table`` if given."""
+    prefix = f"{table}." if table else ""
+    return ", ".join(prefix + column for column in (*RECORD_COLUMNS, "view"))
+
+
+_ITEM_COLUMNS = view_columns()
+
 #: Most rows in one statement: a bound under SQLite's limit on parameters (32,766 since
 #: 3.32; 999 before) that keeps each hand-over of parameters short (~5 ms).
 _MAX_ROWS = 500
@@ -223,16 +230,6 @@ async def clear(db: aiosqlite.Connection) -> None:
         await db.execute(f"DELETE FROM {table}")
 
 
-def view_columns(table: str = "") -> str:
-    """The columns a view is read back from (``view_of_row``), of ``table`` if given."""
-    prefix = f"{table}." if table else ""
-    return ", ".join(prefix + column for column in (*RECORD_COLUMNS, "view"))
-
-
-#: ``view_columns()``, for the queries of this module.
-_VIEW = view_columns()
-
-
 def view_of_row(row: Sequence[Any]) -> ItemView:
     """An item's view from its index row, as selected by ``view_columns``.
 
@@ -251,13 +248,14 @@ def _views(rows: Iterable[Any]) -> list[ItemView]:
 
 async def by_barcode(db: aiosqlite.Connection, barcode: str) -> list[ItemView]:
     async with db.execute(
-        f"SELECT {_VIEW} FROM items WHERE barcode = ? AND NOT deleted ORDER BY id", (barcode,)
+        f"SELECT {_ITEM_COLUMNS} FROM items WHERE barcode = ? AND NOT deleted ORDER BY id",
+        (barcode,),
     ) as cursor:
         return _views(await cursor.fetchall())
 
 
 async def by_id(db: aiosqlite.Connection, item_id: str) -> ItemView | None:
-    async with db.execute(f"SELECT {_VIEW} FROM items WHERE id = ?", (item_id,)) as cursor:
+    async with db.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE id = ?", (item_id,)) as cursor:
         rows = await cursor.fetchall()
     views = _views(rows)
     return views[0] if views else None
@@ -266,7 +264,8 @@ async def by_id(db: aiosqlite.Connection, item_id: str) -> ItemView | None:
 def by_barcode_now(db: sqlite3.Connection, barcode: str) -> list[ItemView]:
     """``by_barcode`` on a plain connection, for lookups answered on the event loop."""
     rows = db.execute(
-        f"SELECT {_VIEW} FROM items WHERE barcode = ? AND NOT deleted ORDER BY id", (barcode,)
+        f"SELECT {_ITEM_COLUMNS} FROM items WHERE barcode = ? AND NOT deleted ORDER BY id",
+        (barcode,),
     ).fetchall()
     return _views(rows)
 
@@ -280,7 +279,9 @@ def ids_by_barcode_now(db: sqlite3.Connection, barcode: str) -> list[str]:
 
 
 def by_id_now(db: sqlite3.Connection, item_id: str) -> ItemView | None:
-    views = _views(db.execute(f"SELECT {_VIEW} FROM items WHERE id = ?", (item_id,)).fetchall())
+    views = _views(
+        db.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE id = ?", (item_id,)).fetchall()
+    )
     return views[0] if views else None
 
 
@@ -308,7 +309,7 @@ async def search(
         params += [_like(text)] * 4
     params += [limit, offset]
     sql = (
-        f"SELECT {_VIEW} FROM items WHERE {' AND '.join(where)} "
+        f"SELECT {_ITEM_COLUMNS} FROM items WHERE {' AND '.join(where)} "
         "ORDER BY name COLLATE NOCASE, barcode, id LIMIT ? OFFSET ?"
     )
     async with db.execute(sql, params) as cursor:
@@ -317,7 +318,7 @@ async def search(
 
 async def conflicted(db: aiosqlite.Connection) -> list[ItemView]:
     async with db.execute(
-        f"SELECT {_VIEW} FROM items WHERE id IN (SELECT item_id FROM conflicts) "
+        f"SELECT {_ITEM_COLUMNS} FROM items WHERE id IN (SELECT item_id FROM conflicts) "
         "ORDER BY name COLLATE NOCASE, id"
     ) as cursor:
         return _views(await cursor.fetchall())

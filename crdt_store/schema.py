@@ -199,9 +199,8 @@ MIGRATIONS: Sequence[Migration] = (
         """
         -- Index rows written from now on keep in `view` only what their columns do not
         -- (ItemView.to_record); rows written before are read as they are, nothing is
-        -- rewritten. The version number is what changes: earlier versions of invsync
+        -- rewritten. Only the version number changes: earlier versions of invsync
         -- cannot read the new rows, so they refuse the file instead.
-        INSERT OR REPLACE INTO meta (key, value) VALUES ('index_records', 'compact');
         """,
     ),
 )

@@ -308,11 +308,9 @@ async def build_old_database(current: Path, old: Path, version: int) -> None:
         await db.execute("ATTACH DATABASE ? AS current", (str(current),))
         await db.execute("BEGIN IMMEDIATE")
         # Version 1 had no query index, so no index_version either; before 8, nothing
-        # said whether concurrent_items was filled; before 9, nor how records are kept.
-        skip_meta = (
-            "key != 'concurrent_items'"
-            + ("" if version >= 2 else " AND key != 'index_version'")
-            + ("" if version >= 9 else " AND key != 'index_records'")
+        # said whether concurrent_items was filled.
+        skip_meta = "key != 'concurrent_items'" + (
+            "" if version >= 2 else " AND key != 'index_version'"
         )
         await db.execute(
             f"INSERT OR REPLACE INTO main.meta SELECT * FROM current.meta WHERE {skip_meta}"
